@@ -1,0 +1,1 @@
+//! outpost: a store-and-forward agent for remote Linux nodes.
