@@ -1,1 +1,14 @@
 //! outpost: a store-and-forward agent for remote Linux nodes.
+//!
+//! # Layout
+//!
+//! - [`frame`]: envelope types, encode/decode, CRC, payload packing; pure, no I/O.
+//! - [`store`]: the SQLite store (outbox, inbox, journal, results, quarantine); the
+//!   only module that knows SQL.
+//! - [`delivery`]: per-stream sequencing, acks and resend decisions; pure, takes `now`.
+//! - [`node`]: store and delivery wired into one synchronous protocol core.
+
+pub mod delivery;
+pub mod frame;
+pub mod node;
+pub mod store;

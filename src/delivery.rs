@@ -1,0 +1,653 @@
+//! Delivery decisions: what to send, resend and acknowledge, and when.
+//!
+//! A pure state machine in the style of quinn-proto: it never reads the clock and
+//! does no I/O. The caller feeds it [`Event`]s with `now`, asks [`Delivery::poll`] for
+//! [`Action`]s in priority order, and sleeps until [`Delivery::next_wakeup`].
+//! Losing this state is harmless: it is rebuilt from the store, and the worst a
+//! fresh one does is resend frames the receiver then drops as duplicates.
+
+use std::collections::BTreeMap;
+
+use crate::frame::{Lane, LaneClass, Name};
+
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    /// Frames of one stream in flight (sent, not acknowledged) at most.
+    pub window: u64,
+    /// Acknowledge after this many frames received on a stream...
+    pub ack_every: u32,
+    /// ...or this long after the first unacknowledged one, whichever comes first.
+    pub ack_delay_ms: u64,
+    /// Resend unacknowledged frames after this long without progress; doubles on
+    /// every resend up to `rto_max_ms`.
+    pub rto_min_ms: u64,
+    pub rto_max_ms: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            window: 256,
+            ack_every: 64,
+            ack_delay_ms: 50,
+            rto_min_ms: 10_000,
+            rto_max_ms: 600_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Our link to the broker came up: everything unacknowledged goes again.
+    Connected,
+    Disconnected,
+    /// A peer's presence changed. While a peer is known offline nothing is sent to it
+    /// (the store holds it); when it comes online its streams are resent.
+    Presence {
+        peer: Name,
+        online: bool,
+    },
+    /// Frames `first_seq..=last_seq` are in the outbox (after an enqueue, or from
+    /// the store after a restart with `first_seq` one past the acknowledged).
+    Enqueued {
+        peer: Name,
+        lane: Lane,
+        first_seq: u64,
+        last_seq: u64,
+    },
+    /// The peer acknowledged frames up to `upto`.
+    Acked {
+        peer: Name,
+        lane: Lane,
+        upto: u64,
+    },
+    /// We stored (or dropped as duplicate) a frame of the peer's stream; the store's
+    /// watermark is now `watermark`. Duplicates mean the sender missed our ack.
+    Received {
+        peer: Name,
+        lane: Lane,
+        watermark: u64,
+        duplicate: bool,
+    },
+}
+
+/// What the caller should do now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    SendAck {
+        peer: Name,
+        lane: Lane,
+        upto: u64,
+    },
+    /// Send outbox frames `from..=to` of a stream, in order.
+    Send {
+        peer: Name,
+        lane: Lane,
+        from: u64,
+        to: u64,
+    },
+}
+
+type Key = (Name, Lane);
+
+#[derive(Debug, Clone)]
+struct Out {
+    acked: u64,
+    last: u64,
+    /// Highest number handed out in the current round; rewinds to `acked` to resend.
+    sent: u64,
+    rto_ms: u64,
+    /// Resend when this passes with frames still unacknowledged.
+    deadline_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct PendingAck {
+    upto: u64,
+    n: u32,
+    since_ms: u64,
+    now: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    Online,
+    Offline,
+}
+
+#[derive(Debug)]
+pub struct Delivery {
+    cfg: DeliveryConfig,
+    connected: bool,
+    out: BTreeMap<Key, Out>,
+    acks: BTreeMap<Key, PendingAck>,
+    presence: BTreeMap<Name, Presence>,
+}
+
+impl Delivery {
+    pub fn new(cfg: DeliveryConfig) -> Self {
+        Delivery {
+            cfg,
+            connected: false,
+            out: BTreeMap::new(),
+            acks: BTreeMap::new(),
+            presence: BTreeMap::new(),
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    pub fn handle(&mut self, event: Event, now_ms: u64) {
+        match event {
+            Event::Connected => {
+                self.connected = true;
+                for s in self.out.values_mut() {
+                    rewind(s, self.cfg.rto_min_ms);
+                }
+            }
+            Event::Disconnected => self.connected = false,
+            Event::Presence { peer, online } => {
+                let state = if online {
+                    Presence::Online
+                } else {
+                    Presence::Offline
+                };
+                let before = self.presence.insert(peer.clone(), state);
+                if online && before != Some(Presence::Online) {
+                    for ((p, _), s) in self.out.iter_mut() {
+                        if *p == peer {
+                            rewind(s, self.cfg.rto_min_ms);
+                        }
+                    }
+                }
+            }
+            Event::Enqueued {
+                peer,
+                lane,
+                first_seq,
+                last_seq,
+            } => {
+                let rto_ms = self.cfg.rto_min_ms;
+                let s = self.out.entry((peer, lane)).or_insert(Out {
+                    acked: first_seq.saturating_sub(1),
+                    last: 0,
+                    sent: first_seq.saturating_sub(1),
+                    rto_ms,
+                    deadline_ms: None,
+                });
+                s.last = s.last.max(last_seq);
+            }
+            Event::Acked { peer, lane, upto } => {
+                let key = (peer, lane);
+                let Some(s) = self.out.get_mut(&key) else {
+                    return;
+                };
+                let upto = upto.min(s.last);
+                if upto <= s.acked {
+                    return;
+                }
+                s.acked = upto;
+                s.sent = s.sent.max(upto);
+                s.rto_ms = self.cfg.rto_min_ms;
+                s.deadline_ms = (s.sent > s.acked).then_some(now_ms + s.rto_ms);
+                if s.acked >= s.last {
+                    self.out.remove(&key);
+                }
+            }
+            Event::Received {
+                peer,
+                lane,
+                watermark,
+                duplicate,
+            } => {
+                let a = self.acks.entry((peer, lane)).or_insert(PendingAck {
+                    upto: 0,
+                    n: 0,
+                    since_ms: now_ms,
+                    now: false,
+                });
+                if a.n == 0 && !a.now {
+                    a.since_ms = now_ms;
+                }
+                a.upto = a.upto.max(watermark);
+                a.n += 1;
+                a.now |= duplicate;
+            }
+        }
+    }
+
+    /// What to do at `now`, most urgent first: acknowledgements, then frames of the
+    /// control lane, ordered lanes, parallel lanes, and bulk lanes last.
+    pub fn poll(&mut self, now_ms: u64) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if !self.connected {
+            return actions;
+        }
+        let due: Vec<Key> = self
+            .acks
+            .iter()
+            .filter(|(_, a)| {
+                a.now || a.n >= self.cfg.ack_every || now_ms >= a.since_ms + self.cfg.ack_delay_ms
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            if let Some(a) = self.acks.remove(&key) {
+                actions.push(Action::SendAck {
+                    peer: key.0,
+                    lane: key.1,
+                    upto: a.upto,
+                });
+            }
+        }
+        let mut sends: Vec<(LaneClass, Action)> = Vec::new();
+        for ((peer, lane), s) in self.out.iter_mut() {
+            if self.presence.get(peer) == Some(&Presence::Offline) {
+                continue;
+            }
+            if let Some(deadline) = s.deadline_ms {
+                if now_ms >= deadline && s.sent > s.acked {
+                    // No progress for a whole timeout: assume the round was lost.
+                    s.sent = s.acked;
+                    s.rto_ms = (s.rto_ms * 2).min(self.cfg.rto_max_ms);
+                    s.deadline_ms = None;
+                }
+            }
+            let limit = s.last.min(s.acked + self.cfg.window);
+            if s.sent < limit {
+                sends.push((
+                    lane.class(),
+                    Action::Send {
+                        peer: peer.clone(),
+                        lane: lane.clone(),
+                        from: s.sent + 1,
+                        to: limit,
+                    },
+                ));
+                s.sent = limit;
+                if s.deadline_ms.is_none() {
+                    s.deadline_ms = Some(now_ms + s.rto_ms);
+                }
+            }
+        }
+        sends.sort_by_key(|(class, _)| *class);
+        actions.extend(sends.into_iter().map(|(_, a)| a));
+        actions
+    }
+
+    /// When `poll` next has something to do without a new event, if ever.
+    pub fn next_wakeup(&self) -> Option<u64> {
+        if !self.connected {
+            return None;
+        }
+        let acks = self.acks.values().map(|a| {
+            if a.now {
+                a.since_ms
+            } else {
+                a.since_ms + self.cfg.ack_delay_ms
+            }
+        });
+        let resends = self
+            .out
+            .iter()
+            .filter(|((peer, _), s)| {
+                self.presence.get(peer) != Some(&Presence::Offline) && s.sent > s.acked
+            })
+            .filter_map(|(_, s)| s.deadline_ms);
+        acks.chain(resends).min()
+    }
+
+    /// Streams with unacknowledged frames: (peer, lane, acked, last).
+    pub fn backlog(&self) -> impl Iterator<Item = (&Name, &Lane, u64, u64)> {
+        self.out.iter().map(|((p, l), s)| (p, l, s.acked, s.last))
+    }
+}
+
+fn rewind(s: &mut Out, rto_min_ms: u64) {
+    s.sent = s.acked;
+    s.rto_ms = rto_min_ms;
+    s.deadline_ms = None;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> Name {
+        Name::new(s).unwrap()
+    }
+    fn l(s: &str) -> Lane {
+        Lane::new(s).unwrap()
+    }
+
+    fn connected() -> Delivery {
+        let mut d = Delivery::new(DeliveryConfig {
+            window: 10,
+            ..DeliveryConfig::default()
+        });
+        d.handle(Event::Connected, 0);
+        d
+    }
+
+    fn send(peer: &str, lane: &str, from: u64, to: u64) -> Action {
+        Action::Send {
+            peer: n(peer),
+            lane: l(lane),
+            from,
+            to,
+        }
+    }
+
+    #[test]
+    fn sends_up_to_the_window_then_more_as_acks_arrive() {
+        let mut d = connected();
+        d.handle(
+            Event::Enqueued {
+                peer: n("a"),
+                lane: l("ordered"),
+                first_seq: 1,
+                last_seq: 25,
+            },
+            0,
+        );
+        assert_eq!(d.poll(0), vec![send("a", "ordered", 1, 10)]);
+        assert_eq!(d.poll(1), vec![]);
+        d.handle(
+            Event::Acked {
+                peer: n("a"),
+                lane: l("ordered"),
+                upto: 4,
+            },
+            2,
+        );
+        assert_eq!(d.poll(2), vec![send("a", "ordered", 11, 14)]);
+    }
+
+    #[test]
+    fn nothing_is_sent_while_disconnected_and_all_unacked_goes_on_reconnect() {
+        let mut d = connected();
+        d.handle(
+            Event::Enqueued {
+                peer: n("a"),
+                lane: l("ordered"),
+                first_seq: 1,
+                last_seq: 3,
+            },
+            0,
+        );
+        assert_eq!(d.poll(0), vec![send("a", "ordered", 1, 3)]);
+        d.handle(Event::Disconnected, 1);
+        d.handle(
+            Event::Enqueued {
+                peer: n("a"),
+                lane: l("ordered"),
+                first_seq: 4,
+                last_seq: 5,
+            },
+            1,
+        );
+        assert_eq!(d.poll(2), vec![]);
+        assert_eq!(d.next_wakeup(), None);
+        d.handle(
+            Event::Acked {
+                peer: n("a"),
+                lane: l("ordered"),
+                upto: 1,
+            },
+            3,
+        );
+        d.handle(Event::Connected, 4);
+        assert_eq!(d.poll(4), vec![send("a", "ordered", 2, 5)]);
+    }
+
+    #[test]
+    fn resends_after_timeout_with_doubling_backoff() {
+        let mut d = connected();
+        let rto = DeliveryConfig::default().rto_min_ms;
+        d.handle(
+            Event::Enqueued {
+                peer: n("a"),
+                lane: l("ordered"),
+                first_seq: 1,
+                last_seq: 2,
+            },
+            0,
+        );
+        assert_eq!(d.poll(0), vec![send("a", "ordered", 1, 2)]);
+        assert_eq!(d.next_wakeup(), Some(rto));
+        assert_eq!(d.poll(rto - 1), vec![]);
+        assert_eq!(d.poll(rto), vec![send("a", "ordered", 1, 2)]);
+        assert_eq!(d.next_wakeup(), Some(rto + 2 * rto));
+        // Progress resets the timer to the minimum.
+        d.handle(
+            Event::Acked {
+                peer: n("a"),
+                lane: l("ordered"),
+                upto: 1,
+            },
+            rto + 5,
+        );
+        assert_eq!(d.next_wakeup(), Some(rto + 5 + rto));
+        d.handle(
+            Event::Acked {
+                peer: n("a"),
+                lane: l("ordered"),
+                upto: 2,
+            },
+            rto + 6,
+        );
+        assert_eq!(d.next_wakeup(), None);
+        assert_eq!(d.backlog().count(), 0);
+    }
+
+    #[test]
+    fn offline_peers_wait_and_are_resent_when_they_come_online() {
+        let mut d = connected();
+        d.handle(
+            Event::Presence {
+                peer: n("a"),
+                online: false,
+            },
+            0,
+        );
+        d.handle(
+            Event::Enqueued {
+                peer: n("a"),
+                lane: l("ordered"),
+                first_seq: 1,
+                last_seq: 2,
+            },
+            0,
+        );
+        d.handle(
+            Event::Enqueued {
+                peer: n("b"),
+                lane: l("ordered"),
+                first_seq: 1,
+                last_seq: 1,
+            },
+            0,
+        );
+        assert_eq!(d.poll(0), vec![send("b", "ordered", 1, 1)]);
+        d.handle(
+            Event::Presence {
+                peer: n("a"),
+                online: true,
+            },
+            1,
+        );
+        assert_eq!(d.poll(1), vec![send("a", "ordered", 1, 2)]);
+        // Online again while already online: no duplicate round.
+        d.handle(
+            Event::Presence {
+                peer: n("a"),
+                online: true,
+            },
+            2,
+        );
+        assert_eq!(d.poll(2), vec![]);
+    }
+
+    #[test]
+    fn acks_are_batched_by_count_or_delay_and_duplicates_reack_at_once() {
+        let mut d = connected();
+        let cfg = DeliveryConfig::default();
+        for i in 1..cfg.ack_every as u64 {
+            d.handle(
+                Event::Received {
+                    peer: n("a"),
+                    lane: l("ordered"),
+                    watermark: i,
+                    duplicate: false,
+                },
+                0,
+            );
+        }
+        assert_eq!(d.poll(0), vec![]);
+        assert_eq!(d.next_wakeup(), Some(cfg.ack_delay_ms));
+        assert_eq!(
+            d.poll(cfg.ack_delay_ms),
+            vec![Action::SendAck {
+                peer: n("a"),
+                lane: l("ordered"),
+                upto: 63
+            }]
+        );
+        for i in 64..64 + cfg.ack_every as u64 {
+            d.handle(
+                Event::Received {
+                    peer: n("a"),
+                    lane: l("ordered"),
+                    watermark: i,
+                    duplicate: false,
+                },
+                100,
+            );
+        }
+        assert_eq!(
+            d.poll(100),
+            vec![Action::SendAck {
+                peer: n("a"),
+                lane: l("ordered"),
+                upto: 127
+            }]
+        );
+        d.handle(
+            Event::Received {
+                peer: n("a"),
+                lane: l("ordered"),
+                watermark: 127,
+                duplicate: true,
+            },
+            200,
+        );
+        assert_eq!(
+            d.poll(200),
+            vec![Action::SendAck {
+                peer: n("a"),
+                lane: l("ordered"),
+                upto: 127
+            }]
+        );
+    }
+
+    #[test]
+    fn acks_go_first_and_bulk_goes_last() {
+        let mut d = connected();
+        d.handle(
+            Event::Enqueued {
+                peer: n("a"),
+                lane: l("bulk"),
+                first_seq: 1,
+                last_seq: 1,
+            },
+            0,
+        );
+        d.handle(
+            Event::Enqueued {
+                peer: n("a"),
+                lane: l("parallel"),
+                first_seq: 1,
+                last_seq: 1,
+            },
+            0,
+        );
+        d.handle(
+            Event::Enqueued {
+                peer: n("a"),
+                lane: l("ordered"),
+                first_seq: 1,
+                last_seq: 1,
+            },
+            0,
+        );
+        d.handle(
+            Event::Enqueued {
+                peer: n("a"),
+                lane: l("control"),
+                first_seq: 1,
+                last_seq: 1,
+            },
+            0,
+        );
+        d.handle(
+            Event::Received {
+                peer: n("b"),
+                lane: l("ordered"),
+                watermark: 1,
+                duplicate: true,
+            },
+            0,
+        );
+        assert_eq!(
+            d.poll(0),
+            vec![
+                Action::SendAck {
+                    peer: n("b"),
+                    lane: l("ordered"),
+                    upto: 1
+                },
+                send("a", "control", 1, 1),
+                send("a", "ordered", 1, 1),
+                send("a", "parallel", 1, 1),
+                send("a", "bulk", 1, 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn forged_ack_past_the_end_is_clamped() {
+        let mut d = connected();
+        d.handle(
+            Event::Enqueued {
+                peer: n("a"),
+                lane: l("ordered"),
+                first_seq: 1,
+                last_seq: 2,
+            },
+            0,
+        );
+        d.poll(0);
+        d.handle(
+            Event::Acked {
+                peer: n("a"),
+                lane: l("ordered"),
+                upto: 1_000,
+            },
+            1,
+        );
+        assert_eq!(d.backlog().count(), 0);
+        d.handle(
+            Event::Enqueued {
+                peer: n("a"),
+                lane: l("ordered"),
+                first_seq: 3,
+                last_seq: 3,
+            },
+            2,
+        );
+        assert_eq!(d.poll(2), vec![send("a", "ordered", 3, 3)]);
+    }
+}

@@ -1,0 +1,677 @@
+//! Frames: the envelope, its bodies, and the exact bytes that are stored and sent.
+//!
+//! A frame is `[format version u8][postcard(Envelope)][crc32 LE of the preceding bytes]`.
+//! The same bytes live in SQLite and travel over MQTT, so this layout is a persisted
+//! API: enum variants are only ever appended, and `tests` pins golden bytes.
+//! Several frames travel in one payload as `[varint length][frame]...` (see [`pack`]).
+//!
+//! This module does no I/O.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The only frame format this build writes and reads.
+pub const FORMAT_VERSION: u8 = 1;
+/// Largest frame accepted anywhere; bounds every allocation a decoder makes.
+pub const MAX_FRAME: usize = 1024 * 1024;
+/// Version byte plus CRC.
+const OVERHEAD: usize = 1 + 4;
+
+/// Why bytes are not a frame. Decoding never panics; it returns one of these.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame truncated ({0} bytes)")]
+    Truncated(usize),
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME} byte limit")]
+    Oversized(usize),
+    #[error("frame crc mismatch")]
+    BadCrc,
+    #[error("unknown frame format version {0}")]
+    UnknownVersion(u8),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+/// A validated name: node names and lane names share one alphabet.
+///
+/// `[a-z0-9][a-z0-9._-]*`, at most `N` bytes. Held inline (heapless) because every
+/// envelope carries two node names and a lane.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Label<const N: usize>(heapless::String<N>);
+
+/// A node's name, at most 63 bytes.
+pub type Name = Label<63>;
+/// A lane's name, at most 15 bytes. See [`LaneClass`] for how a name maps to behaviour.
+pub type Lane = Label<15>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid name {0:?}: use 1-{1} characters of a-z 0-9 . _ - starting with a letter or digit"
+)]
+pub struct NameError(pub String, pub usize);
+
+impl<const N: usize> Label<N> {
+    pub fn new(s: &str) -> Result<Self, NameError> {
+        let bad = || NameError(s.to_string(), N);
+        let mut bytes = s.bytes();
+        match bytes.next() {
+            Some(b) if b.is_ascii_lowercase() || b.is_ascii_digit() => {}
+            _ => return Err(bad()),
+        }
+        let ok = bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+        if !ok {
+            return Err(bad());
+        }
+        heapless::String::try_from(s).map(Label).map_err(|_| bad())
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl<const N: usize> FromStr for Label<N> {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        Label::new(s)
+    }
+}
+
+impl<const N: usize> fmt::Display for Label<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<const N: usize> fmt::Debug for Label<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl<const N: usize> Serialize for Label<N> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de, const N: usize> Deserialize<'de> for Label<N> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Validate on the way in: a frame with a bad name is malformed, not a name
+        // that leaks into topics and file paths.
+        let s = heapless::String::<N>::deserialize(d)?;
+        Label::new(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// How a lane behaves, decided by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LaneClass {
+    /// `control`: cancels and the like; sent before anything else.
+    Control,
+    /// Any other name (default `ordered`): delivered and executed one after another.
+    Ordered,
+    /// `parallel` or `parallel.*`: delivered in order, executed concurrently.
+    Parallel,
+    /// `bulk` or `bulk.*`: file chunks; lowest priority, never delays the others.
+    Bulk,
+}
+
+impl<const N: usize> Label<N> {
+    pub fn class(&self) -> LaneClass {
+        let s = self.as_str();
+        let family = s.split('.').next().unwrap_or(s);
+        match family {
+            "control" => LaneClass::Control,
+            "parallel" => LaneClass::Parallel,
+            "bulk" => LaneClass::Bulk,
+            _ => LaneClass::Ordered,
+        }
+    }
+}
+
+/// The lane commands use unless told otherwise.
+pub fn default_lane() -> Lane {
+    Lane::new("ordered").expect("valid lane")
+}
+
+/// One unit of the protocol. `seq` is the per-stream number the sender assigned at
+/// enqueue time; unsequenced frames (acks) carry 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub from: Name,
+    pub to: Name,
+    pub lane: Lane,
+    pub seq: u64,
+    /// Sender's clock, unix milliseconds.
+    pub created_ms: u64,
+    /// Seconds after `created_ms` past which a command must not start.
+    pub ttl_s: Option<u32>,
+    pub body: Body,
+}
+
+impl Envelope {
+    /// Whether this frame's deadline has passed at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        match self.ttl_s {
+            Some(ttl) => now_ms > self.created_ms.saturating_add(u64::from(ttl) * 1000),
+            None => false,
+        }
+    }
+}
+
+/// What a frame carries. Variants are only ever appended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    Command(Command),
+    Result(CmdResult),
+    /// Cumulative acknowledgement: every frame of the stream (sender of this ack's
+    /// `to`, receiver `from`, `lane`) up to and including `upto` is stored.
+    Ack {
+        upto: u64,
+    },
+    /// Stands in for a frame the sender found corrupt in its own store: the stream
+    /// keeps flowing and the receiver learns what was lost.
+    Lost {
+        reason: String,
+    },
+    /// "Your frame `seq` on this lane was discarded by me" (corrupt on my disk).
+    Discarded {
+        seq: u64,
+        reason: String,
+    },
+}
+
+impl Body {
+    /// Control bodies are never sequenced or stored in an outbox.
+    pub fn is_control(&self) -> bool {
+        matches!(self, Body::Ack { .. })
+    }
+}
+
+/// A request to run something. Variants are only ever appended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Exec(Exec),
+    /// Answered at once; the sender measures the round trip.
+    Ping,
+    HttpGet(HttpGet),
+}
+
+impl Command {
+    /// The method name used in authorisation and on the command line.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Command::Exec(_) => "exec",
+            Command::Ping => "ping",
+            Command::HttpGet(_) => "http-get",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exec {
+    /// Program and arguments; no shell unless the program is one.
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    pub stdin: Vec<u8>,
+    pub timeout_ms: u32,
+    /// Run again after a crash interrupted it (default: report `interrupted`).
+    pub rerun: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpGet {
+    pub url: String,
+    pub timeout_ms: u32,
+    pub max_body: u32,
+}
+
+/// How a command ended. Variants are only ever appended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Status {
+    Ok,
+    Failed,
+    Timeout,
+    Expired,
+    Rejected,
+    Interrupted,
+    Cancelled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Failed => "failed",
+            Status::Timeout => "timeout",
+            Status::Expired => "expired",
+            Status::Rejected => "rejected",
+            Status::Interrupted => "interrupted",
+            Status::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The answer to the command numbered `seq` on the same lane in the other direction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CmdResult {
+    pub seq: u64,
+    pub status: Status,
+    pub exit_code: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub truncated: bool,
+    pub started_ms: u64,
+    pub duration_ms: u64,
+    /// Why, for rejected, expired, interrupted and failures before start.
+    pub reason: String,
+    /// HTTP status and headers, for `http-get` (the body is in `stdout`).
+    pub http: Option<HttpReply>,
+}
+
+impl CmdResult {
+    /// A result for a command that never ran.
+    pub fn without_run(seq: u64, status: Status, reason: impl Into<String>, now_ms: u64) -> Self {
+        CmdResult {
+            seq,
+            status,
+            exit_code: None,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            truncated: false,
+            started_ms: now_ms,
+            duration_ms: 0,
+            reason: reason.into(),
+            http: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+}
+
+/// Encodes an envelope as a frame.
+pub fn encode(env: &Envelope) -> Result<Vec<u8>, FrameError> {
+    let mut out = vec![FORMAT_VERSION];
+    out = postcard::to_extend(env, out).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    if out.len() > MAX_FRAME {
+        return Err(FrameError::Oversized(out.len()));
+    }
+    Ok(out)
+}
+
+/// Checks size, CRC and version without decoding the envelope; returns the postcard part.
+pub fn verify(bytes: &[u8]) -> Result<&[u8], FrameError> {
+    if bytes.len() > MAX_FRAME {
+        return Err(FrameError::Oversized(bytes.len()));
+    }
+    if bytes.len() <= OVERHEAD {
+        return Err(FrameError::Truncated(bytes.len()));
+    }
+    let (data, crc) = bytes.split_at(bytes.len() - 4);
+    let crc = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+    if crc32fast::hash(data) != crc {
+        return Err(FrameError::BadCrc);
+    }
+    if data[0] != FORMAT_VERSION {
+        return Err(FrameError::UnknownVersion(data[0]));
+    }
+    Ok(&data[1..])
+}
+
+/// Decodes a frame, checking its CRC first.
+pub fn decode(bytes: &[u8]) -> Result<Envelope, FrameError> {
+    let body = verify(bytes)?;
+    let (env, rest) = postcard::take_from_bytes::<Envelope>(body)
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(FrameError::Malformed(format!(
+            "{} trailing bytes",
+            rest.len()
+        )));
+    }
+    Ok(env)
+}
+
+/// Packs frames into one payload: each prefixed by its length as a LEB128 varint.
+pub fn pack<'a>(frames: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for f in frames {
+        push_varint(&mut out, f.len() as u64);
+        out.extend_from_slice(f);
+    }
+    out
+}
+
+/// Bytes [`pack`] adds in front of a frame of `len` bytes.
+pub fn packed_len(len: usize) -> usize {
+    let mut n = 1;
+    let mut v = len >> 7;
+    while v > 0 {
+        n += 1;
+        v >>= 7;
+    }
+    n + len
+}
+
+/// Splits a payload made by [`pack`]. Stops at the first structural error, which it
+/// yields; frames before it are still returned.
+pub fn unpack(payload: &[u8]) -> Unpack<'_> {
+    Unpack { rest: payload }
+}
+
+pub struct Unpack<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Unpack<'a> {
+    type Item = Result<&'a [u8], FrameError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let (len, used) = match read_varint(self.rest) {
+            Some(v) => v,
+            None => {
+                let n = self.rest.len();
+                self.rest = &[];
+                return Some(Err(FrameError::Truncated(n)));
+            }
+        };
+        let after = &self.rest[used..];
+        if len > MAX_FRAME as u64 {
+            self.rest = &[];
+            return Some(Err(FrameError::Oversized(len as usize)));
+        }
+        let len = len as usize;
+        if len > after.len() {
+            self.rest = &[];
+            return Some(Err(FrameError::Truncated(after.len())));
+        }
+        let (frame, rest) = after.split_at(len);
+        self.rest = rest;
+        Some(Ok(frame))
+    }
+}
+
+fn push_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, &b) in bytes.iter().enumerate().take(10) {
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> Name {
+        Name::new(s).unwrap()
+    }
+
+    fn uptime() -> Envelope {
+        Envelope {
+            from: name("central"),
+            to: name("ship1"),
+            lane: default_lane(),
+            seq: 1,
+            created_ms: 1_763_800_000_000,
+            ttl_s: None,
+            body: Body::Command(Command::Exec(Exec {
+                argv: vec!["uptime".into()],
+                timeout_ms: 60_000,
+                ..Exec::default()
+            })),
+        }
+    }
+
+    fn uptime_result() -> Envelope {
+        Envelope {
+            from: name("ship1"),
+            to: name("central"),
+            lane: default_lane(),
+            seq: 1,
+            created_ms: 1_763_800_000_250,
+            ttl_s: None,
+            body: Body::Result(CmdResult {
+                seq: 1,
+                status: Status::Ok,
+                exit_code: Some(0),
+                stdout: b" 10:02:01 up 3 days,  4:05,  0 users,  load average: 0.00, 0.01, 0.05\n"
+                    .to_vec(),
+                stderr: Vec::new(),
+                truncated: false,
+                started_ms: 1_763_800_000_200,
+                duration_ms: 3,
+                reason: String::new(),
+                http: None,
+            }),
+        }
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    // Golden bytes: if one of these changes, old frames on disks and in flight no
+    // longer decode. Append variants and bump FORMAT_VERSION instead.
+    #[test]
+    fn exec_command_encodes_to_golden_bytes() {
+        let bytes = encode(&uptime()).unwrap();
+        assert_eq!(
+            hex(&bytes),
+            "010763656e7472616c057368697031076f7264657265640180ccb0d5aa33000000\
+             0106757074696d65000000e0d40300248ecb5c"
+        );
+    }
+
+    #[test]
+    fn result_and_ack_encode_to_golden_bytes() {
+        let bytes = encode(&uptime_result()).unwrap();
+        assert_eq!(
+            hex(&bytes),
+            "010573686970310763656e7472616c076f72646572656401facdb0d5aa330001010001\
+             00462031303a30323a3031207570203320646179732c2020343a30352c2020302075736572\
+             732c20206c6f616420617665726167653a20302e30302c20302e30312c20302e30350a0000\
+             c8cdb0d5aa33030000992dc673"
+        );
+        let ack = Envelope {
+            from: name("ship1"),
+            to: name("central"),
+            lane: default_lane(),
+            seq: 0,
+            created_ms: 1_763_800_000_300,
+            ttl_s: None,
+            body: Body::Ack { upto: 200 },
+        };
+        assert_eq!(
+            hex(&encode(&ack).unwrap()),
+            "010573686970310763656e7472616c076f72646572656400acceb0d5aa330002c801abab8e5d"
+        );
+    }
+
+    #[test]
+    fn frames_roundtrip() {
+        for env in [uptime(), uptime_result()] {
+            assert_eq!(decode(&encode(&env).unwrap()).unwrap(), env);
+        }
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_detected() {
+        for env in [uptime(), uptime_result()] {
+            let bytes = encode(&env).unwrap();
+            for bit in 0..bytes.len() * 8 {
+                let mut b = bytes.clone();
+                b[bit / 8] ^= 1 << (bit % 8);
+                assert!(decode(&b).is_err(), "flip of bit {bit} went unnoticed");
+            }
+        }
+    }
+
+    #[test]
+    fn decode_reports_typed_errors() {
+        let bytes = encode(&uptime()).unwrap();
+        assert_eq!(decode(&bytes[..3]), Err(FrameError::Truncated(3)));
+        assert_eq!(decode(&bytes[..bytes.len() - 1]), Err(FrameError::BadCrc));
+        assert_eq!(
+            decode(&vec![0u8; MAX_FRAME + 1]),
+            Err(FrameError::Oversized(MAX_FRAME + 1))
+        );
+
+        let mut v2 = bytes.clone();
+        v2[0] = 2;
+        let n = v2.len();
+        let crc = crc32fast::hash(&v2[..n - 4]).to_le_bytes();
+        v2[n - 4..].copy_from_slice(&crc);
+        assert_eq!(decode(&v2), Err(FrameError::UnknownVersion(2)));
+
+        // A valid CRC over bytes that are not an envelope.
+        let mut junk = vec![FORMAT_VERSION, 0xff, 0xff, 0xff];
+        let crc = crc32fast::hash(&junk).to_le_bytes();
+        junk.extend_from_slice(&crc);
+        assert!(matches!(decode(&junk), Err(FrameError::Malformed(_))));
+    }
+
+    #[test]
+    fn names_are_validated_on_decode() {
+        let mut env = uptime();
+        env.to = name("ship1");
+        let mut bytes = encode(&env).unwrap();
+        // "ship1" -> "Ship1": valid postcard, invalid name.
+        let at = bytes.windows(5).position(|w| w == b"ship1").unwrap();
+        bytes[at] = b'S';
+        let n = bytes.len();
+        let crc = crc32fast::hash(&bytes[..n - 4]).to_le_bytes();
+        bytes[n - 4..].copy_from_slice(&crc);
+        assert!(matches!(decode(&bytes), Err(FrameError::Malformed(_))));
+    }
+
+    #[test]
+    fn names_follow_the_alphabet() {
+        for ok in ["a", "ship1", "wind-farm.7_b", &"x".repeat(63)] {
+            assert!(Name::new(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "-a",
+            ".a",
+            "Ship",
+            "a/b",
+            "a b",
+            "../x",
+            &"x".repeat(64),
+            "é",
+        ] {
+            assert!(Name::new(bad).is_err(), "{bad}");
+        }
+        assert!(Lane::new("sixteen-chars-xx").is_err());
+    }
+
+    #[test]
+    fn lane_names_map_to_classes() {
+        let class = |s: &str| Lane::new(s).unwrap().class();
+        assert_eq!(class("ordered"), LaneClass::Ordered);
+        assert_eq!(class("deploy"), LaneClass::Ordered);
+        assert_eq!(class("parallel"), LaneClass::Parallel);
+        assert_eq!(class("parallel.2"), LaneClass::Parallel);
+        assert_eq!(class("bulk"), LaneClass::Bulk);
+        assert_eq!(class("control"), LaneClass::Control);
+    }
+
+    #[test]
+    fn payloads_pack_and_unpack() {
+        let a = encode(&uptime()).unwrap();
+        let b = encode(&uptime_result()).unwrap();
+        let payload = pack([a.as_slice(), b.as_slice()]);
+        assert_eq!(payload.len(), packed_len(a.len()) + packed_len(b.len()));
+        let frames: Vec<_> = unpack(&payload).collect::<Result<_, _>>().unwrap();
+        assert_eq!(frames, vec![a.as_slice(), b.as_slice()]);
+
+        // A cut payload yields the whole frames before the cut, then an error.
+        let cut: Vec<_> = unpack(&payload[..payload.len() - 3]).collect();
+        assert_eq!(cut.len(), 2);
+        assert!(cut[0].is_ok());
+        assert!(matches!(cut[1], Err(FrameError::Truncated(_))));
+        // A huge length prefix does not allocate.
+        let huge = [0xff, 0xff, 0xff, 0xff, 0x7f];
+        assert!(matches!(
+            unpack(&huge).next(),
+            Some(Err(FrameError::Oversized(_)))
+        ));
+        let endless = [0x80u8; 12];
+        assert!(matches!(
+            unpack(&endless).next(),
+            Some(Err(FrameError::Truncated(_)))
+        ));
+    }
+
+    /// xorshift64*: deterministic bytes without a dependency.
+    fn rng(seed: &mut u64) -> u64 {
+        *seed ^= *seed >> 12;
+        *seed ^= *seed << 25;
+        *seed ^= *seed >> 27;
+        seed.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_the_decoders() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let sample = encode(&uptime_result()).unwrap();
+        for i in 0..20_000 {
+            let len = (rng(&mut seed) % 300) as usize;
+            let mut bytes: Vec<u8> = if i % 2 == 0 {
+                (0..len).map(|_| rng(&mut seed) as u8).collect()
+            } else {
+                // Mutations of a real frame, with the CRC fixed up so that the
+                // postcard decoder itself is exercised.
+                let mut b = sample.clone();
+                for _ in 0..1 + rng(&mut seed) % 4 {
+                    let at = (rng(&mut seed) as usize) % (b.len() - 4);
+                    b[at] = rng(&mut seed) as u8;
+                }
+                b.truncate(b.len() - 4);
+                b.truncate(1 + (rng(&mut seed) as usize) % b.len());
+                b[0] = FORMAT_VERSION;
+                let crc = crc32fast::hash(&b).to_le_bytes();
+                b.extend_from_slice(&crc);
+                b
+            };
+            let _ = decode(&bytes);
+            for f in unpack(&bytes) {
+                if let Ok(f) = f {
+                    let _ = decode(f);
+                }
+            }
+            bytes.clear();
+        }
+    }
+}

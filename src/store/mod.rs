@@ -1,0 +1,893 @@
+//! The SQLite store: the only module that knows SQL.
+//!
+//! It is the truth about what is undelivered: the broker may drop anything, the two
+//! stores at the ends of a stream decide what is resent and what is a duplicate.
+//! Every operation that changes state is one transaction, so a crash leaves either
+//! all of it or none of it. Every frame read back is CRC-checked; a bad one is moved
+//! to `quarantine`, reported as a [`Corrupt`] value, and replaced so the stream flows.
+//!
+//! Blocking: call it from a dedicated thread, never from an async executor.
+
+mod schema;
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use crate::frame::{self, Body, CmdResult, Envelope, FrameError, Lane, Name, Status};
+
+/// When commits reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// fsync at every commit: nothing acknowledged is ever lost to a power cut.
+    Full,
+    /// fsync at WAL checkpoints only: a power cut may lose the last commits (never
+    /// corrupt the database); fewer flash writes.
+    Normal,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "full" => Ok(Durability::Full),
+            "normal" => Ok(Durability::Normal),
+            _ => Err(format!(
+                "unknown durability {s:?} (expected full or normal)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub durability: Durability,
+    /// Bytes of frames (outbox plus inbox) past which new work is refused.
+    pub quota_bytes: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            durability: Durability::Full,
+            quota_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The quota would be exceeded; nothing was written. The items come back.
+    #[error("store quota exceeded: {used} of {quota} bytes used, {needed} more needed")]
+    Full {
+        used: u64,
+        quota: u64,
+        needed: u64,
+        rejected: Vec<Outgoing>,
+    },
+    #[error("cannot encode frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database is at schema version {0}, newer than this build understands ({1})")]
+    TooNew(usize, usize),
+    #[error("bad value in database: {0}")]
+    Invalid(String),
+}
+
+/// A stored frame that failed its check; it was quarantined.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{place} frame {peer}/{lane}#{seq} quarantined: {error}")]
+pub struct Corrupt {
+    pub place: &'static str,
+    pub peer: Name,
+    pub lane: Lane,
+    pub seq: u64,
+    pub error: FrameError,
+}
+
+/// A frame to send, before it has a sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub to: Name,
+    pub lane: Lane,
+    pub ttl_s: Option<u32>,
+    pub body: Body,
+}
+
+/// Where an enqueued frame landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub to: Name,
+    pub lane: Lane,
+    pub seq: u64,
+}
+
+/// What became of a received frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Receipt {
+    /// Stored; the stream's watermark is now this.
+    Accepted { watermark: u64 },
+    /// Seen before; dropped (and worth acknowledging again).
+    Duplicate { watermark: u64 },
+    /// Stored but after a gap: it waits for the frames before it.
+    Held { watermark: u64 },
+    /// Too far past the watermark to hold; dropped, the sender will resend.
+    Ahead { watermark: u64 },
+    /// No room under the quota; dropped, not acknowledged, the sender will resend.
+    NoSpace { watermark: u64 },
+}
+
+impl Receipt {
+    pub fn watermark(self) -> u64 {
+        match self {
+            Receipt::Accepted { watermark }
+            | Receipt::Duplicate { watermark }
+            | Receipt::Held { watermark }
+            | Receipt::Ahead { watermark }
+            | Receipt::NoSpace { watermark } => watermark,
+        }
+    }
+}
+
+/// A received frame whose turn has come.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound {
+    pub env: Envelope,
+}
+
+impl Inbound {
+    pub fn peer(&self) -> &Name {
+        &self.env.from
+    }
+}
+
+/// The sending side of one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutStream {
+    pub peer: Name,
+    pub lane: Lane,
+    pub acked: u64,
+    pub last_seq: u64,
+}
+
+/// Frames held after a gap may run at most this far past the watermark.
+pub const HOLD_AHEAD: u64 = 4096;
+
+pub struct Store {
+    conn: Connection,
+    me: Name,
+    quota: u64,
+    /// Bytes of frames in outbox and inbox; kept in step with every commit.
+    used: u64,
+}
+
+impl Store {
+    pub fn open(path: &Path, me: &Name, cfg: &StoreConfig) -> Result<Store, StoreError> {
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "wal")?;
+        let sync = match cfg.durability {
+            Durability::Full => "full",
+            Durability::Normal => "normal",
+        };
+        conn.pragma_update(None, "synchronous", sync)?;
+        conn.pragma_update(None, "foreign_keys", "on")?;
+        // Keep the WAL from growing without bound on small flash.
+        conn.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024)?;
+        let version = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+        if version > schema::latest() {
+            return Err(StoreError::TooNew(version, schema::latest()));
+        }
+        schema::migrate(&mut conn)?;
+        let used: i64 = conn.query_row(
+            "SELECT (SELECT COALESCE(SUM(length(frame)), 0) FROM outbox)
+                  + (SELECT COALESCE(SUM(length(frame)), 0) FROM inbox)",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(Store {
+            conn,
+            me: me.clone(),
+            quota: cfg.quota_bytes,
+            used: used as u64,
+        })
+    }
+
+    pub fn me(&self) -> &Name {
+        &self.me
+    }
+
+    /// Bytes of frames held, against the quota.
+    pub fn usage(&self) -> (u64, u64) {
+        (self.used, self.quota)
+    }
+
+    /// Enqueues frames in one transaction (group commit), numbering each within its
+    /// stream. Past the quota nothing is written and the items come back in the error.
+    pub fn enqueue(
+        &mut self,
+        items: Vec<Outgoing>,
+        now_ms: u64,
+    ) -> Result<Vec<Queued>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let (queued, added) = match enqueue_in(&tx, &self.me, &items, now_ms) {
+            Ok(v) => v,
+            Err(e) => return Err(e),
+        };
+        if self.used + added > self.quota {
+            drop(tx);
+            return Err(StoreError::Full {
+                used: self.used,
+                quota: self.quota,
+                needed: added,
+                rejected: items,
+            });
+        }
+        tx.commit()?;
+        self.used += added;
+        Ok(queued)
+    }
+
+    /// Streams with frames not yet acknowledged.
+    pub fn out_streams(&self) -> Result<Vec<OutStream>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT peer, lane, acked, last_seq FROM out_streams WHERE last_seq > acked",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (peer, lane, acked, last) = row?;
+            out.push(OutStream {
+                peer: name(&peer)?,
+                lane: lane_of(&lane)?,
+                acked: acked as u64,
+                last_seq: last as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Outbox frames of one stream with `from <= seq <= to`, oldest first, CRC-checked.
+    /// A corrupt one is quarantined and replaced by a [`Body::Lost`] frame with the
+    /// same number, which is returned in its place.
+    pub fn outbox_frames(
+        &mut self,
+        peer: &Name,
+        lane: &Lane,
+        from: u64,
+        to: u64,
+        now_ms: u64,
+    ) -> Result<(Vec<(u64, Vec<u8>)>, Vec<Corrupt>), StoreError> {
+        let rows: Vec<(u64, Vec<u8>)> = {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT seq, frame FROM outbox WHERE peer = ?1 AND lane = ?2 AND seq BETWEEN ?3 AND ?4 ORDER BY seq",
+            )?;
+            let rows = stmt.query_map(
+                params![peer.as_str(), lane.as_str(), from as i64, to as i64],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?)),
+            )?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut frames = Vec::with_capacity(rows.len());
+        let mut corrupt = Vec::new();
+        for (seq, bytes) in rows {
+            match check_stored(&bytes, &self.me, peer, lane, seq) {
+                Ok(()) => frames.push((seq, bytes)),
+                Err(error) => {
+                    let lost = Envelope {
+                        from: self.me.clone(),
+                        to: peer.clone(),
+                        lane: lane.clone(),
+                        seq,
+                        created_ms: now_ms,
+                        ttl_s: None,
+                        body: Body::Lost {
+                            reason: format!("frame was corrupt in the sender's store: {error}"),
+                        },
+                    };
+                    let replacement = frame::encode(&lost)?;
+                    let tx = self.conn.transaction()?;
+                    quarantine(&tx, now_ms, "outbox", peer, lane, seq, &error, &bytes)?;
+                    tx.execute(
+                        "UPDATE outbox SET frame = ?4 WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
+                        params![peer.as_str(), lane.as_str(), seq as i64, replacement],
+                    )?;
+                    tx.commit()?;
+                    self.used = self.used + replacement.len() as u64 - bytes.len() as u64;
+                    corrupt.push(Corrupt {
+                        place: "outbox",
+                        peer: peer.clone(),
+                        lane: lane.clone(),
+                        seq,
+                        error,
+                    });
+                    frames.push((seq, replacement));
+                }
+            }
+        }
+        Ok((frames, corrupt))
+    }
+
+    /// Applies a cumulative acknowledgement; returns how many frames it freed.
+    /// An ack past what was ever sent is clamped (it cannot free the future).
+    pub fn apply_ack(&mut self, peer: &Name, lane: &Lane, upto: u64) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        let last: Option<i64> = tx
+            .query_row(
+                "SELECT last_seq FROM out_streams WHERE peer = ?1 AND lane = ?2",
+                params![peer.as_str(), lane.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(last) = last else { return Ok(0) };
+        let upto = upto.min(last as u64) as i64;
+        let freed_bytes: i64 = tx.query_row(
+            "SELECT COALESCE(SUM(length(frame)), 0) FROM outbox WHERE peer = ?1 AND lane = ?2 AND seq <= ?3",
+            params![peer.as_str(), lane.as_str(), upto],
+            |r| r.get(0),
+        )?;
+        let n = tx.execute(
+            "DELETE FROM outbox WHERE peer = ?1 AND lane = ?2 AND seq <= ?3",
+            params![peer.as_str(), lane.as_str(), upto],
+        )?;
+        tx.execute(
+            "UPDATE out_streams SET acked = MAX(acked, ?3) WHERE peer = ?1 AND lane = ?2",
+            params![peer.as_str(), lane.as_str(), upto],
+        )?;
+        tx.commit()?;
+        self.used -= freed_bytes as u64;
+        Ok(n as u64)
+    }
+
+    /// Stores received frames in one transaction: duplicates are dropped, frames after
+    /// a gap are held, the watermark advances over every contiguous frame.
+    /// `frames` must be sequenced frames addressed to this node.
+    pub fn receive(&mut self, frames: &[(Envelope, &[u8])]) -> Result<Vec<Receipt>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut receipts = Vec::with_capacity(frames.len());
+        let mut added = 0u64;
+        for (env, bytes) in frames {
+            let receipt = receive_one(&tx, env, bytes, self.used + added, self.quota)?;
+            if matches!(receipt, Receipt::Accepted { .. } | Receipt::Held { .. }) {
+                added += bytes.len() as u64;
+            }
+            receipts.push(receipt);
+        }
+        tx.commit()?;
+        self.used += added;
+        Ok(receipts)
+    }
+
+    /// Highest contiguous sequence number received on a stream.
+    pub fn watermark(&self, peer: &Name, lane: &Lane) -> Result<u64, StoreError> {
+        Ok(watermark(&self.conn, peer, lane)?)
+    }
+
+    /// Frames whose turn has come, oldest first per stream: for an ordered stream the
+    /// next frame if nothing of that stream is running, for a parallel stream up to
+    /// `parallel` frames at once. Corrupt frames are quarantined, the sender is told
+    /// with a [`Body::Discarded`] frame, and they are reported in the second list.
+    pub fn runnable(
+        &mut self,
+        parallel: usize,
+        now_ms: u64,
+    ) -> Result<(Vec<Inbound>, Vec<Corrupt>), StoreError> {
+        let streams: Vec<(String, String, i64)> = {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT s.peer, s.lane, s.watermark FROM in_streams s
+                 WHERE EXISTS (SELECT 1 FROM inbox i WHERE i.peer = s.peer AND i.lane = s.lane AND i.seq <= s.watermark)",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut ready = Vec::new();
+        let mut corrupt = Vec::new();
+        for (peer, lane, wm) in streams {
+            let (peer, lane) = (name(&peer)?, lane_of(&lane)?);
+            let running: i64 = self.conn.query_row(
+                "SELECT COUNT(*) FROM journal j JOIN inbox i USING (peer, lane, seq)
+                 WHERE j.peer = ?1 AND j.lane = ?2 AND j.state = 'running'",
+                params![peer.as_str(), lane.as_str()],
+                |r| r.get(0),
+            )?;
+            let room = match lane.class() {
+                frame::LaneClass::Parallel => parallel.saturating_sub(running as usize),
+                _ if running > 0 => 0,
+                _ => 1,
+            };
+            if room == 0 {
+                continue;
+            }
+            let rows: Vec<(u64, Vec<u8>)> = {
+                let mut stmt = self.conn.prepare_cached(
+                    "SELECT i.seq, i.frame FROM inbox i
+                     WHERE i.peer = ?1 AND i.lane = ?2 AND i.seq <= ?3
+                       AND NOT EXISTS (SELECT 1 FROM journal j WHERE j.peer = i.peer AND j.lane = i.lane AND j.seq = i.seq)
+                     ORDER BY i.seq LIMIT ?4",
+                )?;
+                let rows = stmt.query_map(
+                    params![peer.as_str(), lane.as_str(), wm, room as i64],
+                    |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?)),
+                )?;
+                rows.collect::<Result<_, _>>()?
+            };
+            for (seq, bytes) in rows {
+                match frame::decode(&bytes)
+                    .and_then(|env| matching(env, &peer, &self.me, &lane, seq))
+                {
+                    Ok(env) => ready.push(Inbound { env }),
+                    Err(error) => {
+                        self.discard(&peer, &lane, seq, &bytes, &error, now_ms)?;
+                        corrupt.push(Corrupt {
+                            place: "inbox",
+                            peer: peer.clone(),
+                            lane: lane.clone(),
+                            seq,
+                            error,
+                        });
+                        // An ordered stream must not run past the hole in the same pass;
+                        // the next call picks up what follows.
+                        if lane.class() != frame::LaneClass::Parallel {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        Ok((ready, corrupt))
+    }
+
+    /// Records that a command is about to start. Committed before the process exists,
+    /// so a crash afterwards is reported `interrupted`, never silently re-run.
+    pub fn start(&mut self, cmd: &Inbound, method: &str, now_ms: u64) -> Result<(), StoreError> {
+        let env = &cmd.env;
+        self.conn.execute(
+            "INSERT INTO journal (peer, lane, seq, state, method, started_ms) VALUES (?1, ?2, ?3, 'running', ?4, ?5)",
+            params![env.from.as_str(), env.lane.as_str(), env.seq as i64, method, now_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Journals a command done and enqueues its result for the sender, in one
+    /// transaction. Works whether or not `start` was called (expired, rejected).
+    /// Results of accepted work are never refused for quota: the quota gates new work.
+    pub fn finish(
+        &mut self,
+        cmd: &Inbound,
+        method: &str,
+        result: CmdResult,
+        now_ms: u64,
+    ) -> Result<Queued, StoreError> {
+        let env = &cmd.env;
+        let status = result.status.as_str();
+        let out = Outgoing {
+            to: env.from.clone(),
+            lane: env.lane.clone(),
+            ttl_s: None,
+            body: Body::Result(result),
+        };
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO journal (peer, lane, seq, state, method, started_ms, finished_ms, status)
+             VALUES (?1, ?2, ?3, 'done', ?4, ?5, ?5, ?6)
+             ON CONFLICT (peer, lane, seq) DO UPDATE SET state = 'done', finished_ms = ?5, status = ?6",
+            params![env.from.as_str(), env.lane.as_str(), env.seq as i64, method, now_ms as i64, status],
+        )?;
+        let freed = consume_in(&tx, env)?;
+        let (mut queued, added) = enqueue_in(&tx, &self.me, std::slice::from_ref(&out), now_ms)?;
+        tx.commit()?;
+        self.used = self.used + added - freed;
+        Ok(queued.remove(0))
+    }
+
+    /// Records a result received for one of this node's commands and consumes its
+    /// frame, in one transaction. Returns the result's row id (arrival order).
+    pub fn record_result(&mut self, inbound: &Inbound, now_ms: u64) -> Result<i64, StoreError> {
+        let env = &inbound.env;
+        let cmd_seq = match &env.body {
+            Body::Result(r) => r.seq,
+            Body::Discarded { seq, .. } => *seq,
+            _ => return Err(StoreError::Invalid("record_result takes results".into())),
+        };
+        let bytes = frame::encode(env)?;
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO results (peer, lane, seq, at_ms, frame) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                env.from.as_str(),
+                env.lane.as_str(),
+                cmd_seq as i64,
+                now_ms as i64,
+                bytes
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        let freed = consume_in(&tx, env)?;
+        tx.commit()?;
+        self.used -= freed;
+        Ok(id)
+    }
+
+    /// Records a frame that carries only a report (e.g. [`Body::Lost`]) as an event
+    /// and consumes it.
+    pub fn record_event(
+        &mut self,
+        inbound: &Inbound,
+        text: &str,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let env = &inbound.env;
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO events (at_ms, peer, lane, seq, text) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                now_ms as i64,
+                env.from.as_str(),
+                env.lane.as_str(),
+                env.seq as i64,
+                text
+            ],
+        )?;
+        let freed = consume_in(&tx, env)?;
+        tx.commit()?;
+        self.used -= freed;
+        Ok(())
+    }
+
+    /// After a restart: commands journaled `running` died with the process. Each is
+    /// finished `interrupted` (its result goes back), unless it asked to be re-run,
+    /// in which case its journal entry is cleared and it becomes runnable again.
+    pub fn recover_interrupted(&mut self, now_ms: u64) -> Result<Vec<Queued>, StoreError> {
+        let rows: Vec<(String, String, i64, String, Option<Vec<u8>>)> = {
+            let mut stmt = self.conn.prepare(
+                "SELECT j.peer, j.lane, j.seq, j.method, i.frame FROM journal j
+                 LEFT JOIN inbox i USING (peer, lane, seq) WHERE j.state = 'running'",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut queued = Vec::new();
+        for (peer, lane, seq, method, bytes) in rows {
+            let env = bytes.as_deref().map(frame::decode).and_then(Result::ok);
+            let rerun = matches!(&env, Some(Envelope { body: Body::Command(frame::Command::Exec(e)), .. }) if e.rerun);
+            if rerun {
+                self.conn.execute(
+                    "DELETE FROM journal WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
+                    params![peer, lane, seq],
+                )?;
+                continue;
+            }
+            let (peer, lane) = (name(&peer)?, lane_of(&lane)?);
+            // Without a readable frame, answer from what the journal knows.
+            let env = env.unwrap_or(Envelope {
+                from: peer,
+                to: self.me.clone(),
+                lane,
+                seq: seq as u64,
+                created_ms: now_ms,
+                ttl_s: None,
+                body: Body::Lost {
+                    reason: String::new(),
+                },
+            });
+            let result = CmdResult::without_run(
+                seq as u64,
+                Status::Interrupted,
+                "the agent stopped while the command was running; it was not run again",
+                now_ms,
+            );
+            queued.push(self.finish(&Inbound { env }, &method, result, now_ms)?);
+        }
+        Ok(queued)
+    }
+
+    /// Results received so far for commands sent to `peer` on `lane`, in arrival order.
+    pub fn results(&self, peer: &Name, lane: &Lane) -> Result<Vec<(i64, CmdResult)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, frame FROM results WHERE peer = ?1 AND lane = ?2 ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![peer.as_str(), lane.as_str()], |r| {
+            Ok((r.get(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, bytes) = row?;
+            let env = frame::decode(&bytes)?;
+            match env.body {
+                Body::Result(r) => out.push((id, r)),
+                Body::Discarded { seq, reason } => out.push((
+                    id,
+                    CmdResult::without_run(
+                        seq,
+                        Status::Rejected,
+                        format!("discarded by {}: {reason}", env.from),
+                        0,
+                    ),
+                )),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Counts for status and tests.
+    pub fn counts(&self) -> Result<Counts, StoreError> {
+        let count = |sql: &str| -> Result<u64, StoreError> {
+            Ok(self.conn.query_row(sql, [], |r| r.get::<_, i64>(0))? as u64)
+        };
+        Ok(Counts {
+            outbox: count("SELECT COUNT(*) FROM outbox")?,
+            inbox: count("SELECT COUNT(*) FROM inbox")?,
+            running: count("SELECT COUNT(*) FROM journal WHERE state = 'running'")?,
+            quarantined: count("SELECT COUNT(*) FROM quarantine")?,
+            events: count("SELECT COUNT(*) FROM events")?,
+        })
+    }
+
+    /// `PRAGMA integrity_check`; `Ok(())` when SQLite says "ok".
+    pub fn integrity_check(&self) -> Result<(), StoreError> {
+        let res: String = self
+            .conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+        if res == "ok" {
+            Ok(())
+        } else {
+            Err(StoreError::Invalid(format!("integrity check: {res}")))
+        }
+    }
+
+    fn discard(
+        &mut self,
+        peer: &Name,
+        lane: &Lane,
+        seq: u64,
+        bytes: &[u8],
+        error: &FrameError,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let notice = Outgoing {
+            to: peer.clone(),
+            lane: lane.clone(),
+            ttl_s: None,
+            body: Body::Discarded {
+                seq,
+                reason: format!("frame was corrupt in the receiver's store: {error}"),
+            },
+        };
+        let tx = self.conn.transaction()?;
+        quarantine(&tx, now_ms, "inbox", peer, lane, seq, error, bytes)?;
+        tx.execute(
+            "DELETE FROM inbox WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
+            params![peer.as_str(), lane.as_str(), seq as i64],
+        )?;
+        // Also journal it done, so the hole is not mistaken for pending work.
+        tx.execute(
+            "INSERT OR REPLACE INTO journal (peer, lane, seq, state, method, started_ms, finished_ms, status)
+             VALUES (?1, ?2, ?3, 'done', 'unknown', ?4, ?4, 'rejected')",
+            params![peer.as_str(), lane.as_str(), seq as i64, now_ms as i64],
+        )?;
+        let (_, added) = enqueue_in(&tx, &self.me, std::slice::from_ref(&notice), now_ms)?;
+        tx.commit()?;
+        self.used = self.used + added - bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Keeps a received frame (or payload) that failed its checks, for inspection.
+    pub fn quarantine_received(
+        &mut self,
+        bytes: &[u8],
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO quarantine (at_ms, place, reason, frame) VALUES (?1, 'received', ?2, ?3)",
+            params![
+                now_ms as i64,
+                reason,
+                &bytes[..bytes.len().min(frame::MAX_FRAME)]
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Test hook: the raw connection, to corrupt bytes on purpose.
+    #[doc(hidden)]
+    pub fn raw(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    pub outbox: u64,
+    pub inbox: u64,
+    pub running: u64,
+    pub quarantined: u64,
+    pub events: u64,
+}
+
+fn name(s: &str) -> Result<Name, StoreError> {
+    Name::new(s).map_err(|e| StoreError::Invalid(e.to_string()))
+}
+
+fn lane_of(s: &str) -> Result<Lane, StoreError> {
+    Lane::new(s).map_err(|e| StoreError::Invalid(e.to_string()))
+}
+
+fn watermark(conn: &Connection, peer: &Name, lane: &Lane) -> rusqlite::Result<u64> {
+    let wm: Option<i64> = conn
+        .query_row(
+            "SELECT watermark FROM in_streams WHERE peer = ?1 AND lane = ?2",
+            params![peer.as_str(), lane.as_str()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(wm.unwrap_or(0) as u64)
+}
+
+/// Numbers and writes frames inside `tx`; returns where they went and the bytes added.
+fn enqueue_in(
+    tx: &Transaction,
+    me: &Name,
+    items: &[Outgoing],
+    now_ms: u64,
+) -> Result<(Vec<Queued>, u64), StoreError> {
+    let mut queued = Vec::with_capacity(items.len());
+    let mut added = 0;
+    let mut next = tx.prepare_cached(
+        "INSERT INTO out_streams (peer, lane, last_seq, acked) VALUES (?1, ?2, 1, 0)
+         ON CONFLICT (peer, lane) DO UPDATE SET last_seq = last_seq + 1
+         RETURNING last_seq",
+    )?;
+    let mut insert =
+        tx.prepare_cached("INSERT INTO outbox (peer, lane, seq, frame) VALUES (?1, ?2, ?3, ?4)")?;
+    for item in items {
+        let seq: i64 =
+            next.query_row(params![item.to.as_str(), item.lane.as_str()], |r| r.get(0))?;
+        let env = Envelope {
+            from: me.clone(),
+            to: item.to.clone(),
+            lane: item.lane.clone(),
+            seq: seq as u64,
+            created_ms: now_ms,
+            ttl_s: item.ttl_s,
+            body: item.body.clone(),
+        };
+        let bytes = frame::encode(&env)?;
+        added += bytes.len() as u64;
+        insert.execute(params![item.to.as_str(), item.lane.as_str(), seq, bytes])?;
+        queued.push(Queued {
+            to: item.to.clone(),
+            lane: item.lane.clone(),
+            seq: seq as u64,
+        });
+    }
+    Ok((queued, added))
+}
+
+fn receive_one(
+    tx: &Transaction,
+    env: &Envelope,
+    bytes: &[u8],
+    used: u64,
+    quota: u64,
+) -> Result<Receipt, StoreError> {
+    let (peer, lane, seq) = (env.from.as_str(), env.lane.as_str(), env.seq);
+    let wm = watermark(tx, &env.from, &env.lane)?;
+    if seq <= wm {
+        return Ok(Receipt::Duplicate { watermark: wm });
+    }
+    if seq > wm + HOLD_AHEAD {
+        return Ok(Receipt::Ahead { watermark: wm });
+    }
+    let held: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM inbox WHERE peer = ?1 AND lane = ?2 AND seq = ?3)",
+        params![peer, lane, seq as i64],
+        |r| r.get(0),
+    )?;
+    if held {
+        return Ok(if seq == wm + 1 {
+            Receipt::Accepted { watermark: wm }
+        } else {
+            Receipt::Duplicate { watermark: wm }
+        });
+    }
+    if used + bytes.len() as u64 > quota {
+        return Ok(Receipt::NoSpace { watermark: wm });
+    }
+    tx.prepare_cached("INSERT INTO inbox (peer, lane, seq, frame) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![peer, lane, seq as i64, bytes])?;
+    if seq != wm + 1 {
+        return Ok(Receipt::Held { watermark: wm });
+    }
+    // Advance over this frame and any held ones right after it.
+    let mut new_wm = seq;
+    let mut exists = tx.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM inbox WHERE peer = ?1 AND lane = ?2 AND seq = ?3)",
+    )?;
+    while exists.query_row(params![peer, lane, (new_wm + 1) as i64], |r| {
+        r.get::<_, bool>(0)
+    })? {
+        new_wm += 1;
+    }
+    tx.prepare_cached(
+        "INSERT INTO in_streams (peer, lane, watermark) VALUES (?1, ?2, ?3)
+         ON CONFLICT (peer, lane) DO UPDATE SET watermark = ?3",
+    )?
+    .execute(params![peer, lane, new_wm as i64])?;
+    Ok(Receipt::Accepted { watermark: new_wm })
+}
+
+/// Deletes a consumed inbox frame; returns the bytes freed.
+fn consume_in(tx: &Transaction, env: &Envelope) -> Result<u64, StoreError> {
+    let key = params![env.from.as_str(), env.lane.as_str(), env.seq as i64];
+    let len: Option<i64> = tx
+        .query_row(
+            "SELECT length(frame) FROM inbox WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
+            key,
+            |r| r.get(0),
+        )
+        .optional()?;
+    tx.execute(
+        "DELETE FROM inbox WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
+        key,
+    )?;
+    Ok(len.unwrap_or(0) as u64)
+}
+
+/// A stored outbox frame must pass its CRC and belong where it is stored.
+fn check_stored(
+    bytes: &[u8],
+    me: &Name,
+    peer: &Name,
+    lane: &Lane,
+    seq: u64,
+) -> Result<(), FrameError> {
+    let env = frame::decode(bytes)?;
+    matching(env, me, peer, lane, seq).map(|_| ())
+}
+
+fn matching(
+    env: Envelope,
+    from: &Name,
+    to: &Name,
+    lane: &Lane,
+    seq: u64,
+) -> Result<Envelope, FrameError> {
+    if &env.from != from || &env.to != to || &env.lane != lane || env.seq != seq {
+        return Err(FrameError::Malformed(format!(
+            "frame {}->{} {}#{} stored as {from}->{to} {lane}#{seq}",
+            env.from, env.to, env.lane, env.seq
+        )));
+    }
+    Ok(env)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn quarantine(
+    tx: &Transaction,
+    now_ms: u64,
+    place: &str,
+    peer: &Name,
+    lane: &Lane,
+    seq: u64,
+    error: &FrameError,
+    bytes: &[u8],
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO quarantine (at_ms, place, peer, lane, seq, reason, frame) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![now_ms as i64, place, peer.as_str(), lane.as_str(), seq as i64, error.to_string(), bytes],
+    )?;
+    Ok(())
+}

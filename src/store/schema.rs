@@ -1,0 +1,85 @@
+//! Schema migrations, keyed by `PRAGMA user_version`.
+//!
+//! Append only: migration N turns version N into N+1. Never edit one that has shipped.
+
+use rusqlite::Connection;
+
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: streams, outbox, inbox, journal, results, quarantine, events.
+    "
+    CREATE TABLE out_streams (
+        peer TEXT NOT NULL, lane TEXT NOT NULL,
+        last_seq INTEGER NOT NULL,      -- highest sequence number assigned
+        acked INTEGER NOT NULL,         -- highest sequence number the peer acknowledged
+        PRIMARY KEY (peer, lane)
+    );
+    -- Frames not yet acknowledged by their receiver.
+    CREATE TABLE outbox (
+        peer TEXT NOT NULL, lane TEXT NOT NULL, seq INTEGER NOT NULL,
+        frame BLOB NOT NULL,
+        PRIMARY KEY (peer, lane, seq)
+    );
+    CREATE TABLE in_streams (
+        peer TEXT NOT NULL, lane TEXT NOT NULL,
+        watermark INTEGER NOT NULL,     -- every frame up to here is stored or consumed
+        PRIMARY KEY (peer, lane)
+    );
+    -- Frames received and not yet consumed; seq > watermark means held after a gap.
+    CREATE TABLE inbox (
+        peer TEXT NOT NULL, lane TEXT NOT NULL, seq INTEGER NOT NULL,
+        frame BLOB NOT NULL,
+        PRIMARY KEY (peer, lane, seq)
+    );
+    -- One row per command that reached the executor: at most once, by primary key.
+    CREATE TABLE journal (
+        peer TEXT NOT NULL, lane TEXT NOT NULL, seq INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('running', 'done')),
+        method TEXT NOT NULL,
+        started_ms INTEGER NOT NULL,
+        finished_ms INTEGER,
+        status TEXT,
+        PRIMARY KEY (peer, lane, seq)
+    );
+    -- Results received for commands this node sent, in arrival order.
+    CREATE TABLE results (
+        id INTEGER PRIMARY KEY,
+        peer TEXT NOT NULL, lane TEXT NOT NULL, seq INTEGER NOT NULL,
+        at_ms INTEGER NOT NULL,
+        frame BLOB NOT NULL,
+        UNIQUE (peer, lane, seq)
+    );
+    -- Frames that failed their CRC (or would not decode), kept for inspection.
+    CREATE TABLE quarantine (
+        id INTEGER PRIMARY KEY,
+        at_ms INTEGER NOT NULL,
+        place TEXT NOT NULL,
+        peer TEXT, lane TEXT, seq INTEGER,
+        reason TEXT NOT NULL,
+        frame BLOB NOT NULL
+    );
+    -- Errors to report: lost frames, discarded frames, rejected payloads.
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        at_ms INTEGER NOT NULL,
+        peer TEXT, lane TEXT, seq INTEGER,
+        text TEXT NOT NULL
+    );
+    ",
+];
+
+/// Brings the database to the newest version, one transaction per step.
+pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// The version a fully migrated database has.
+pub fn latest() -> usize {
+    MIGRATIONS.len()
+}
