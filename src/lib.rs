@@ -7,8 +7,10 @@
 //!   only module that knows SQL.
 //! - [`delivery`]: per-stream sequencing, acks and resend decisions; pure, takes `now`.
 //! - [`node`]: store and delivery wired into one synchronous protocol core.
+//! - [`exec`]: running processes: timeouts, process groups, output caps.
 
 pub mod delivery;
+pub mod exec;
 pub mod frame;
 pub mod node;
 pub mod store;
