@@ -891,3 +891,6 @@ fn quarantine(
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
