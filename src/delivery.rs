@@ -148,20 +148,12 @@ impl Delivery {
                 }
             }
             Event::Disconnected => self.connected = false,
-            Event::Presence { peer, online } => {
-                let state = if online {
-                    Presence::Online
-                } else {
-                    Presence::Offline
-                };
-                let before = self.presence.insert(peer.clone(), state);
-                if online && before != Some(Presence::Online) {
-                    for ((p, _), s) in self.out.iter_mut() {
-                        if *p == peer {
-                            rewind(s, self.cfg.rto_min_ms);
-                        }
-                    }
-                }
+            Event::Presence { peer, online: true } => self.heard_from(&peer),
+            Event::Presence {
+                peer,
+                online: false,
+            } => {
+                self.presence.insert(peer, Presence::Offline);
             }
             Event::Enqueued {
                 peer,
@@ -180,6 +172,7 @@ impl Delivery {
                 s.last = s.last.max(last_seq);
             }
             Event::Acked { peer, lane, upto } => {
+                self.heard_from(&peer);
                 let key = (peer, lane);
                 let Some(s) = self.out.get_mut(&key) else {
                     return;
@@ -202,6 +195,7 @@ impl Delivery {
                 watermark,
                 duplicate,
             } => {
+                self.heard_from(&peer);
                 let a = self.acks.entry((peer, lane)).or_insert(PendingAck {
                     upto: 0,
                     n: 0,
@@ -244,7 +238,11 @@ impl Delivery {
         }
         let mut sends: Vec<(LaneClass, Action)> = Vec::new();
         for ((peer, lane), s) in self.out.iter_mut() {
-            if self.presence.get(peer) == Some(&Presence::Offline) {
+            let offline = self.presence.get(peer) == Some(&Presence::Offline);
+            if offline && s.deadline_ms.is_none_or(|d| now_ms < d) {
+                // Paused, but not forever: presence can be stale (a last will that
+                // overtook the peer's reconnect), so probe at the slowest rate.
+                s.deadline_ms.get_or_insert(now_ms + self.cfg.rto_max_ms);
                 continue;
             }
             if let Some(deadline) = s.deadline_ms {
@@ -289,14 +287,28 @@ impl Delivery {
                 a.since_ms + self.cfg.ack_delay_ms
             }
         });
-        let resends = self
-            .out
-            .iter()
-            .filter(|((peer, _), s)| {
-                self.presence.get(peer) != Some(&Presence::Offline) && s.sent > s.acked
-            })
-            .filter_map(|(_, s)| s.deadline_ms);
+        let resends = self.out.iter().filter_map(|((peer, _), s)| {
+            let offline = self.presence.get(peer) == Some(&Presence::Offline);
+            match s.deadline_ms {
+                // The next poll arms the slow probe timer.
+                None if offline => Some(0),
+                Some(d) if offline || s.sent > s.acked => Some(d),
+                _ => None,
+            }
+        });
         acks.chain(resends).min()
+    }
+
+    /// Any frame from a peer proves it is online; resend to it if it was not.
+    fn heard_from(&mut self, peer: &Name) {
+        let before = self.presence.insert(peer.clone(), Presence::Online);
+        if before == Some(Presence::Offline) {
+            for ((p, _), s) in self.out.iter_mut() {
+                if p == peer {
+                    rewind(s, self.cfg.rto_min_ms);
+                }
+            }
+        }
     }
 
     /// Streams with unacknowledged frames: (peer, lane, acked, last).
