@@ -1,1 +1,7 @@
+//! The single integration-test binary: every module here drives real code — the
+//! library's protocol core in `sim`, real processes (mosquitto, the outpost binary)
+//! through the helpers in `support` everywhere else.
+
 mod sim;
+mod support;
+mod support_selftest;
