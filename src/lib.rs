@@ -8,9 +8,12 @@
 //! - [`delivery`]: per-stream sequencing, acks and resend decisions; pure, takes `now`.
 //! - [`node`]: store and delivery wired into one synchronous protocol core.
 //! - [`exec`]: running processes: timeouts, process groups, output caps.
+//! - [`link`]: the MQTT connection to the broker; the only module that knows rumqttc
+//!   and tokio.
 
 pub mod delivery;
 pub mod exec;
 pub mod frame;
+pub mod link;
 pub mod node;
 pub mod store;
