@@ -3,14 +3,25 @@
 //! # Layout
 //!
 //! - [`frame`]: envelope types, encode/decode, CRC, payload packing; pure, no I/O.
-//! - [`store`]: the SQLite store (outbox, inbox, journal, results, quarantine); the
-//!   only module that knows SQL.
+//! - [`store`]: the SQLite store (outbox, inbox, journal, results, jobs, quarantine);
+//!   the only module that knows SQL.
 //! - [`delivery`]: per-stream sequencing, acks and resend decisions; pure, takes `now`.
 //! - [`node`]: store and delivery wired into one synchronous protocol core.
 //! - [`exec`]: running processes: timeouts, process groups, output caps.
 //! - [`link`]: the MQTT connection to the broker; the only module that knows rumqttc
 //!   and tokio.
+//! - [`control`]: the local unix-socket protocol used by the CLI.
+//! - [`agent`]: the event loop that wires node, link, exec and the control socket.
+//! - [`config`]: the validated configuration (file, then flags).
+//! - [`cli`]: argh flag structs; no I/O.
+//! - [`log`]: levelled logging to stderr.
 
+pub mod log;
+
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod control;
 pub mod delivery;
 pub mod exec;
 pub mod frame;

@@ -84,6 +84,23 @@ impl Node {
         &self.store
     }
 
+    pub fn store_mut(&mut self) -> &mut Store {
+        &mut self.store
+    }
+
+    /// Queues one command per target as one job; one transaction.
+    pub fn submit_job(
+        &mut self,
+        method: &str,
+        summary: &str,
+        items: Vec<Outgoing>,
+        now_ms: u64,
+    ) -> Result<(i64, Vec<Queued>), StoreError> {
+        let (job, queued) = self.store.submit_job(method, summary, items, now_ms)?;
+        self.note_queued(&queued, now_ms);
+        Ok((job, queued))
+    }
+
     /// Queues frames for sending; one transaction.
     pub fn submit(&mut self, items: Vec<Outgoing>, now_ms: u64) -> Result<Vec<Queued>, StoreError> {
         let queued = self.store.enqueue(items, now_ms)?;
@@ -309,7 +326,11 @@ impl Node {
     }
 
     /// Records a received result (or discard notice) and consumes its frame.
-    pub fn record_result(&mut self, inbound: &Inbound, now_ms: u64) -> Result<i64, StoreError> {
+    pub fn record_result(
+        &mut self,
+        inbound: &Inbound,
+        now_ms: u64,
+    ) -> Result<Option<i64>, StoreError> {
         self.store.record_result(inbound, now_ms)
     }
 

@@ -343,6 +343,11 @@ impl Store {
             "UPDATE out_streams SET acked = MAX(acked, ?3) WHERE peer = ?1 AND lane = ?2",
             params![peer.as_str(), lane.as_str(), upto],
         )?;
+        tx.execute(
+            "UPDATE job_targets SET state = 'delivered'
+             WHERE node = ?1 AND lane = ?2 AND seq <= ?3 AND state = 'queued'",
+            params![peer.as_str(), lane.as_str(), upto],
+        )?;
         tx.commit()?;
         self.used -= freed_bytes as u64;
         Ok(n as u64)
@@ -491,17 +496,23 @@ impl Store {
 
     /// Records a result received for one of this node's commands and consumes its
     /// frame, in one transaction. Returns the result's row id (arrival order).
-    pub fn record_result(&mut self, inbound: &Inbound, now_ms: u64) -> Result<i64, StoreError> {
+    /// `None` when a result for that command was already recorded: the frame is
+    /// consumed and the second result ignored (a peer cannot overwrite history).
+    pub fn record_result(
+        &mut self,
+        inbound: &Inbound,
+        now_ms: u64,
+    ) -> Result<Option<i64>, StoreError> {
         let env = &inbound.env;
-        let cmd_seq = match &env.body {
-            Body::Result(r) => r.seq,
-            Body::Discarded { seq, .. } => *seq,
+        let (cmd_seq, status) = match &env.body {
+            Body::Result(r) => (r.seq, r.status),
+            Body::Discarded { seq, .. } => (*seq, Status::Rejected),
             _ => return Err(StoreError::Invalid("record_result takes results".into())),
         };
         let bytes = frame::encode(env)?;
         let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT INTO results (peer, lane, seq, at_ms, frame) VALUES (?1, ?2, ?3, ?4, ?5)",
+        let n = tx.execute(
+            "INSERT OR IGNORE INTO results (peer, lane, seq, at_ms, frame) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
                 env.from.as_str(),
                 env.lane.as_str(),
@@ -510,11 +521,227 @@ impl Store {
                 bytes
             ],
         )?;
-        let id = tx.last_insert_rowid();
+        let id = (n == 1).then(|| tx.last_insert_rowid());
+        if let Some(id) = id {
+            tx.execute(
+                "UPDATE job_targets SET state = ?4, result = ?5 WHERE node = ?1 AND lane = ?2 AND seq = ?3",
+                params![env.from.as_str(), env.lane.as_str(), cmd_seq as i64, status.as_str(), id],
+            )?;
+        }
         let freed = consume_in(&tx, env)?;
         tx.commit()?;
         self.used -= freed;
         Ok(id)
+    }
+
+    /// Enqueues one command per target and records them as one job, atomically.
+    pub fn submit_job(
+        &mut self,
+        method: &str,
+        summary: &str,
+        items: Vec<Outgoing>,
+        now_ms: u64,
+    ) -> Result<(i64, Vec<Queued>), StoreError> {
+        let tx = self.conn.transaction()?;
+        let (queued, added) = enqueue_in(&tx, &self.me, &items, now_ms)?;
+        if self.used + added > self.quota {
+            drop(tx);
+            return Err(StoreError::Full {
+                used: self.used,
+                quota: self.quota,
+                needed: added,
+                rejected: items,
+            });
+        }
+        tx.execute(
+            "INSERT INTO jobs (created_ms, method, summary) VALUES (?1, ?2, ?3)",
+            params![now_ms as i64, method, summary],
+        )?;
+        let job = tx.last_insert_rowid();
+        for q in &queued {
+            tx.execute(
+                "INSERT INTO job_targets (job, node, lane, seq, state) VALUES (?1, ?2, ?3, ?4, 'queued')",
+                params![job, q.to.as_str(), q.lane.as_str(), q.seq as i64],
+            )?;
+        }
+        tx.commit()?;
+        self.used += added;
+        Ok((job, queued))
+    }
+
+    /// Jobs, newest first, at most `limit`.
+    pub fn jobs(&self, limit: u32) -> Result<Vec<Job>, StoreError> {
+        let ids: Vec<i64> = {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT id FROM jobs ORDER BY id DESC LIMIT ?1")?;
+            let rows = stmt.query_map([limit], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        ids.into_iter()
+            .filter_map(|id| self.job(id).transpose())
+            .collect()
+    }
+
+    /// One job with its targets and the results received so far.
+    pub fn job(&self, id: i64) -> Result<Option<Job>, StoreError> {
+        let head: Option<(i64, String, String)> = self
+            .conn
+            .query_row(
+                "SELECT created_ms, method, summary FROM jobs WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((created_ms, method, summary)) = head else {
+            return Ok(None);
+        };
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT t.node, t.lane, t.seq, t.state, r.frame, r.at_ms FROM job_targets t
+             LEFT JOIN results r ON r.id = t.result WHERE t.job = ?1 ORDER BY t.node",
+        )?;
+        let rows = stmt.query_map([id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<Vec<u8>>>(4)?,
+                r.get::<_, Option<i64>>(5)?,
+            ))
+        })?;
+        let mut targets = Vec::new();
+        for row in rows {
+            let (node, lane, seq, state, frame_bytes, at_ms) = row?;
+            let result = match frame_bytes {
+                Some(b) => match frame::decode(&b)?.body {
+                    Body::Result(r) => Some(r),
+                    Body::Discarded { seq, reason } => Some(CmdResult::without_run(
+                        seq,
+                        Status::Rejected,
+                        format!("discarded by {node}: {reason}"),
+                        0,
+                    )),
+                    _ => None,
+                },
+                None => None,
+            };
+            targets.push(JobTarget {
+                node: name(&node)?,
+                lane: lane_of(&lane)?,
+                seq: seq as u64,
+                state,
+                result,
+                at_ms: at_ms.map(|v| v as u64),
+            });
+        }
+        Ok(Some(Job {
+            id,
+            created_ms: created_ms as u64,
+            method,
+            summary,
+            targets,
+        }))
+    }
+
+    /// Records a peer's presence.
+    pub fn set_presence(
+        &mut self,
+        peer: &Name,
+        online: bool,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO peers (name, online, since_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE SET since_ms = CASE WHEN online = ?2 THEN since_ms ELSE ?3 END, online = ?2",
+            params![peer.as_str(), online, now_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Peers seen, with whether they are online and since when.
+    pub fn peers(&self) -> Result<Vec<(Name, bool, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, online, since_ms FROM peers ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, bool>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (n, online, since) = row?;
+            out.push((name(&n)?, online, since as u64));
+        }
+        Ok(out)
+    }
+
+    /// Per stream: outbox depth and the creation time of its oldest frame is not
+    /// stored separately, so report the oldest unacknowledged sequence number.
+    pub fn outbox_depths(&self) -> Result<Vec<(Name, Lane, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT peer, lane, COUNT(*) FROM outbox GROUP BY peer, lane")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (p, l, n) = row?;
+            out.push((name(&p)?, lane_of(&l)?, n as u64));
+        }
+        Ok(out)
+    }
+
+    /// Per stream: creation time of the oldest unacknowledged frame.
+    pub fn oldest_unacked(&self) -> Result<Vec<(Name, Lane, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT o.peer, o.lane, o.frame FROM outbox o
+             JOIN (SELECT peer, lane, MIN(seq) AS seq FROM outbox GROUP BY peer, lane) m USING (peer, lane, seq)",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (p, l, bytes) = row?;
+            // A corrupt frame here is reported when it is next sent; skip it.
+            if let Ok(env) = frame::decode(&bytes) {
+                out.push((name(&p)?, lane_of(&l)?, env.created_ms));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Per stream: received frames waiting for their turn.
+    pub fn inbox_depths(&self) -> Result<Vec<(Name, Lane, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT peer, lane, COUNT(*) FROM inbox GROUP BY peer, lane")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (p, l, n) = row?;
+            out.push((name(&p)?, lane_of(&l)?, n as u64));
+        }
+        Ok(out)
     }
 
     /// Records a frame that carries only a report (e.g. [`Body::Lost`]) as an event
@@ -705,6 +932,34 @@ impl Store {
     #[doc(hidden)]
     pub fn raw(&self) -> &Connection {
         &self.conn
+    }
+}
+
+/// A command sent to one or more nodes, as the sender tracks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub id: i64,
+    pub created_ms: u64,
+    pub method: String,
+    pub summary: String,
+    pub targets: Vec<JobTarget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobTarget {
+    pub node: Name,
+    pub lane: Lane,
+    pub seq: u64,
+    /// queued, delivered, or the result's status.
+    pub state: String,
+    pub result: Option<CmdResult>,
+    pub at_ms: Option<u64>,
+}
+
+impl Job {
+    /// Every target has a result.
+    pub fn done(&self) -> bool {
+        self.targets.iter().all(|t| t.result.is_some())
     }
 }
 

@@ -65,6 +65,29 @@ const MIGRATIONS: &[&str] = &[
         text TEXT NOT NULL
     );
     ",
+    // 1 -> 2: jobs submitted from this node and the peers it has seen.
+    "
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        created_ms INTEGER NOT NULL,
+        method TEXT NOT NULL,
+        summary TEXT NOT NULL
+    );
+    -- One row per target node; (node, lane, seq) is the command frame it became.
+    CREATE TABLE job_targets (
+        job INTEGER NOT NULL REFERENCES jobs (id),
+        node TEXT NOT NULL, lane TEXT NOT NULL, seq INTEGER NOT NULL,
+        state TEXT NOT NULL,            -- queued, delivered, or the result's status
+        result INTEGER REFERENCES results (id),
+        PRIMARY KEY (job, node),
+        UNIQUE (node, lane, seq)
+    );
+    CREATE TABLE peers (
+        name TEXT PRIMARY KEY,
+        online INTEGER NOT NULL,
+        since_ms INTEGER NOT NULL
+    );
+    ",
 ];
 
 /// Brings the database to the newest version, one transaction per step.

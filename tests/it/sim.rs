@@ -300,8 +300,15 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
                             n.running.push((inbound, now + rng.below(60)));
                         }
                         Body::Result(_) | Body::Discarded { .. } => {
-                            node.record_result(&inbound, now)
+                            let id = node
+                                .record_result(&inbound, now)
                                 .map_err(|e| e.to_string())?;
+                            if id.is_none() {
+                                return Err(format!(
+                                    "{}: second result for {:?}",
+                                    n.name, inbound.env
+                                ));
+                            }
                             progressed = true;
                         }
                         other => return Err(format!("unexpected body {other:?}")),

@@ -1,0 +1,904 @@
+//! The agent: one event loop that wires the store, the link, execution and the
+//! control socket.
+//!
+//! Threads: this loop owns the [`Node`] (and so SQLite) on the thread that calls
+//! [`run`]; the link runs rumqttc on its own thread; the control socket and running
+//! commands are smol tasks on smol's global executor. Everything reaches the loop as
+//! a [`Msg`] on one channel, and the loop sleeps until a message or the delivery
+//! state machine's next deadline: no busy polling.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use smol::channel::{Receiver, Sender};
+use smol::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use crate::config::Config;
+use crate::control::{self, CommandSpec, Request};
+use crate::exec;
+use crate::frame::{self, Body, CmdResult, Command, Exec, HttpGet, Lane, Name, Status};
+use crate::link::{Link, LinkConfig, LinkError, LinkEvent, Retained, TlsFiles};
+use crate::node::{Node, NodeConfig};
+use crate::store::{Inbound, Job, Outgoing, StoreConfig, StoreError};
+use crate::{debug, error, info, warn};
+
+/// Default command timeout when the sender gives none.
+pub const DEFAULT_TIMEOUT_MS: u32 = 60_000;
+/// Largest MQTT packet: a full payload plus headroom.
+const MAX_PACKET: usize = 2 * frame::MAX_FRAME;
+
+enum Msg {
+    Link(LinkEvent),
+    Control(Request, Sender<Value>),
+    Done(Box<Inbound>, Box<CmdResult>),
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs the agent until the process is killed. Errors are start-up failures.
+pub fn run(cfg: Config) -> Result<(), String> {
+    prepare_state_dir(&cfg.state_dir)?;
+    let _lock = lock_state_dir(&cfg.state_dir)?;
+    let node_cfg = NodeConfig {
+        store: StoreConfig {
+            durability: cfg.durability,
+            quota_bytes: cfg.quota,
+        },
+        ..NodeConfig::default()
+    };
+    let db = cfg.state_dir.join("store.db");
+    let node = Node::open(&db, &cfg.name, node_cfg, now_ms())
+        .map_err(|e| format!("{}: {e}", db.display()))?;
+
+    let (tx, rx) = smol::channel::unbounded::<Msg>();
+    let listener = bind_control(&cfg.state_dir)?;
+    smol::spawn(serve_control(listener, tx.clone())).detach();
+
+    let presence = cfg.presence_topic(&cfg.name);
+    let link_cfg = LinkConfig {
+        client_id: cfg.name.to_string(),
+        broker: cfg.broker.clone(),
+        tls: TlsFiles {
+            ca_file: cfg.ca_file.clone(),
+            client_cert: cfg.client_cert.clone(),
+            client_key: cfg.client_key.clone(),
+        },
+        username: cfg.username.clone(),
+        password: cfg.password.clone(),
+        keepalive: cfg.keepalive,
+        backoff_cap: cfg.backoff_cap,
+        subscriptions: vec![
+            cfg.inbox_topic(&cfg.name),
+            format!("{}/+/presence", cfg.prefix),
+        ],
+        will: Some(Retained {
+            topic: presence.clone(),
+            payload: b"offline".to_vec(),
+        }),
+        on_connect: vec![Retained {
+            topic: presence,
+            payload: b"online".to_vec(),
+        }],
+        max_packet: MAX_PACKET,
+    };
+    let (link, events) = Link::start(link_cfg).map_err(|e| e.to_string())?;
+    smol::spawn(forward(events, tx.clone())).detach();
+    info!(
+        "agent {} started: broker {}, state {}",
+        cfg.name,
+        cfg.broker,
+        cfg.state_dir.display()
+    );
+
+    let mut agent = Agent {
+        cfg,
+        node,
+        link,
+        tx,
+        link_since_ms: now_ms(),
+        last_error: None,
+        waiters: Vec::new(),
+        retry_at: None,
+        running: BTreeMap::new(),
+    };
+    agent.drive();
+    loop {
+        let msg = agent.next_msg(&rx);
+        if let Some(msg) = msg {
+            agent.handle(msg);
+        }
+        agent.drive();
+    }
+}
+
+struct Agent {
+    cfg: Config,
+    node: Node,
+    link: Link,
+    tx: Sender<Msg>,
+    link_since_ms: u64,
+    last_error: Option<String>,
+    /// Control clients waiting for a job to change.
+    waiters: Vec<(i64, usize, Sender<Value>)>,
+    /// Publishing was refused (queue full): try again at this time.
+    retry_at: Option<Instant>,
+    /// Commands running now: (peer, lane, seq) -> method and start.
+    running: BTreeMap<(Name, Lane, u64), (&'static str, u64)>,
+}
+
+impl Agent {
+    /// Blocks until a message arrives or the next deadline passes (then `None`).
+    fn next_msg(&self, rx: &Receiver<Msg>) -> Option<Msg> {
+        let now = now_ms();
+        let mut wake = self
+            .node
+            .next_wakeup()
+            .map(|t| Duration::from_millis(t.saturating_sub(now)));
+        if let Some(at) = self.retry_at {
+            let d = at.saturating_duration_since(Instant::now());
+            wake = Some(wake.map_or(d, |w| w.min(d)));
+        }
+        smol::block_on(async {
+            match wake {
+                Some(d) => {
+                    smol::future::or(async { rx.recv().await.ok() }, async {
+                        smol::Timer::after(d).await;
+                        None
+                    })
+                    .await
+                }
+                None => rx.recv().await.ok(),
+            }
+        })
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        let now = now_ms();
+        match msg {
+            Msg::Link(LinkEvent::Connected { .. }) => {
+                self.link_since_ms = now;
+                self.node.on_connected(now);
+            }
+            Msg::Link(LinkEvent::Disconnected { error }) => {
+                self.link_since_ms = now;
+                self.last_error = Some(error);
+                self.node.on_disconnected(now);
+            }
+            Msg::Link(LinkEvent::Published) => {}
+            Msg::Link(LinkEvent::Message {
+                topic,
+                payload,
+                ack,
+            }) => {
+                self.on_message(&topic, &payload, now);
+                // PUBACK only now: whatever we keep of it is committed.
+                self.link.ack(ack);
+            }
+            Msg::Control(req, reply) => {
+                let v = self.on_request(req, &reply, now);
+                if let Some(v) = v {
+                    let _ = reply.try_send(v);
+                }
+            }
+            Msg::Done(inbound, result) => {
+                let key = (
+                    inbound.env.from.clone(),
+                    inbound.env.lane.clone(),
+                    inbound.env.seq,
+                );
+                self.running.remove(&key);
+                if let Err(e) = self.node.finish(&inbound, *result, now) {
+                    // The journal still says running: a restart reports it interrupted.
+                    error!(
+                        "cannot record the result of {}#{} from {}: {e}",
+                        key.1, key.2, key.0
+                    );
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, topic: &str, payload: &[u8], now: u64) {
+        if topic == self.cfg.inbox_topic(&self.cfg.name) {
+            match self.node.on_payload(payload, now) {
+                Ok(report) => {
+                    for why in &report.rejected {
+                        warn!("rejected frame: {why}");
+                    }
+                    if report.deferred > 0 {
+                        debug!(
+                            "{} frames deferred (gap or quota); senders will resend",
+                            report.deferred
+                        );
+                    }
+                }
+                Err(e) => error!("cannot store received payload: {e}"),
+            }
+            return;
+        }
+        let Some(peer) = topic
+            .strip_prefix(&format!("{}/", self.cfg.prefix))
+            .and_then(|t| t.strip_suffix("/presence"))
+            .and_then(|n| Name::new(n).ok())
+        else {
+            return;
+        };
+        if peer == self.cfg.name {
+            return;
+        }
+        let online = match payload {
+            b"online" => true,
+            b"offline" => false,
+            _ => return,
+        };
+        self.node.on_presence(peer.clone(), online, now);
+        if let Err(e) = self.node.store_mut().set_presence(&peer, online, now) {
+            error!("cannot record presence of {peer}: {e}");
+        }
+    }
+
+    /// Publishes what delivery wants sent, starts what is runnable, answers waiters.
+    fn drive(&mut self) {
+        let now = now_ms();
+        self.retry_at = None;
+        match self.node.poll_out(now) {
+            Ok((payloads, corrupt)) => {
+                for c in corrupt {
+                    error!("{c}");
+                }
+                let mut refused: Vec<Name> = Vec::new();
+                for p in payloads {
+                    if refused.contains(&p.to) {
+                        continue;
+                    }
+                    match self.link.publish(&self.cfg.inbox_topic(&p.to), p.bytes) {
+                        Ok(()) => {}
+                        Err(e) => {
+                            if matches!(e, LinkError::Busy) {
+                                self.retry_at = Some(Instant::now() + Duration::from_millis(20));
+                            } else if !matches!(e, LinkError::NotConnected) {
+                                warn!("cannot publish to {}: {e}", p.to);
+                            }
+                            refused.push(p.to.clone());
+                        }
+                    }
+                }
+                for peer in refused {
+                    self.node.unsent(&peer, now);
+                }
+            }
+            Err(e) => error!("cannot read the outbox: {e}"),
+        }
+        if let Err(e) = self.run_ready(now) {
+            error!("cannot take runnable work: {e}");
+        }
+        self.answer_waiters();
+    }
+
+    fn run_ready(&mut self, now: u64) -> Result<(), StoreError> {
+        loop {
+            let (ready, corrupt) = self.node.runnable(now)?;
+            for c in corrupt {
+                error!("{c}");
+            }
+            let mut consumed = false;
+            for inbound in ready {
+                let key = (
+                    inbound.env.from.clone(),
+                    inbound.env.lane.clone(),
+                    inbound.env.seq,
+                );
+                if self.running.contains_key(&key) {
+                    continue;
+                }
+                match &inbound.env.body {
+                    Body::Command(cmd) => {
+                        let cmd = cmd.clone();
+                        self.start(inbound, cmd, now)?;
+                        consumed = true;
+                    }
+                    Body::Result(_) | Body::Discarded { .. } => {
+                        if self.node.record_result(&inbound, now)?.is_none() {
+                            warn!(
+                                "second result from {} for {}#{} ignored",
+                                key.0, key.1, key.2
+                            );
+                        }
+                        consumed = true;
+                    }
+                    Body::Lost { reason } => {
+                        let text = format!(
+                            "frame {}#{} from {} was lost: {reason}",
+                            key.1, key.2, key.0
+                        );
+                        error!("{text}");
+                        self.node.record_event(&inbound, &text, now)?;
+                        consumed = true;
+                    }
+                    Body::Ack { .. } => {}
+                }
+            }
+            if !consumed {
+                return Ok(());
+            }
+        }
+    }
+
+    fn start(&mut self, inbound: Inbound, cmd: Command, now: u64) -> Result<(), StoreError> {
+        let env = &inbound.env;
+        let seq = env.seq;
+        if env.expired(now) {
+            let r = CmdResult::without_run(
+                seq,
+                Status::Expired,
+                "the command's ttl passed before it could start",
+                now,
+            );
+            self.node.finish(&inbound, r, now)?;
+            return Ok(());
+        }
+        let key = (env.from.clone(), env.lane.clone(), seq);
+        match cmd {
+            Command::Ping => {
+                let mut r = CmdResult::without_run(seq, Status::Ok, "", now);
+                r.stdout = b"pong\n".to_vec();
+                self.node.finish(&inbound, r, now)?;
+            }
+            Command::Exec(e) => {
+                self.node.start(&inbound, now)?;
+                self.running.insert(key, ("exec", now));
+                let spec = exec_spec(&e, self.cfg.output_cap as usize);
+                let tx = self.tx.clone();
+                smol::spawn(async move {
+                    let out = exec::run(spec).await;
+                    let result = exec_result(seq, out);
+                    let _ = tx
+                        .send(Msg::Done(Box::new(inbound), Box::new(result)))
+                        .await;
+                })
+                .detach();
+            }
+            Command::HttpGet(h) => {
+                self.node.start(&inbound, now)?;
+                self.running.insert(key, ("http-get", now));
+                let tx = self.tx.clone();
+                smol::spawn(async move {
+                    let result = smol::unblock(move || http_get(seq, &h)).await;
+                    let _ = tx
+                        .send(Msg::Done(Box::new(inbound), Box::new(result)))
+                        .await;
+                })
+                .detach();
+            }
+        }
+        Ok(())
+    }
+
+    fn on_request(&mut self, req: Request, reply: &Sender<Value>, now: u64) -> Option<Value> {
+        let v = match req {
+            Request::Send { to, lane, ttl_s, command } => self.send(&to, lane.as_deref(), ttl_s, command, now),
+            Request::Jobs { limit } => self
+                .node
+                .store()
+                .jobs(limit.unwrap_or(50))
+                .map(|jobs| json!({ "ok": true, "jobs": jobs.iter().map(job_json).collect::<Vec<_>>() }))
+                .map_err(|e| e.to_string()),
+            Request::Job { id } => self.job_reply(id),
+            Request::Wait { id, seen, .. } => match self.node.store().job(id) {
+                Ok(Some(job)) if job.done() || n_results(&job) > seen => Ok(json!({ "ok": true, "job": job_json(&job) })),
+                Ok(Some(_)) => {
+                    self.waiters.push((id, seen, reply.clone()));
+                    return None;
+                }
+                Ok(None) => Err(format!("no job {id}")),
+                Err(e) => Err(e.to_string()),
+            },
+            Request::Status => self.status(now),
+        };
+        Some(v.unwrap_or_else(control::error_reply))
+    }
+
+    fn job_reply(&self, id: i64) -> Result<Value, String> {
+        match self.node.store().job(id) {
+            Ok(Some(job)) => Ok(json!({ "ok": true, "job": job_json(&job) })),
+            Ok(None) => Err(format!("no job {id}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn answer_waiters(&mut self) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let waiters = std::mem::take(&mut self.waiters);
+        for (id, seen, reply) in waiters {
+            if reply.is_closed() {
+                continue;
+            }
+            match self.node.store().job(id) {
+                Ok(Some(job)) if job.done() || n_results(&job) > seen => {
+                    let _ = reply.try_send(json!({ "ok": true, "job": job_json(&job) }));
+                }
+                Ok(Some(_)) => self.waiters.push((id, seen, reply)),
+                _ => {
+                    let _ = reply.try_send(control::error_reply(format!("no job {id}")));
+                }
+            }
+        }
+    }
+
+    fn send(
+        &mut self,
+        to: &str,
+        lane: Option<&str>,
+        ttl_s: Option<u32>,
+        spec: CommandSpec,
+        now: u64,
+    ) -> Result<Value, String> {
+        let lane = match lane {
+            Some(l) => Lane::new(l).map_err(|e| format!("lane: {e}"))?,
+            None => frame::default_lane(),
+        };
+        let (command, summary) = command_of(spec)?;
+        let peers = self.node.store().peers().map_err(|e| e.to_string())?;
+        let mut targets: Vec<Name> = Vec::new();
+        let mut notes: Vec<String> = Vec::new();
+        for part in to.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if part.contains(['*', '?', '[']) {
+                let matched: Vec<&Name> = peers
+                    .iter()
+                    .filter(|(n, online, _)| *online && glob(part, n.as_str()))
+                    .map(|(n, _, _)| n)
+                    .collect();
+                if matched.is_empty() {
+                    return Err(format!("no node seen online matches {part:?}"));
+                }
+                targets.extend(matched.into_iter().cloned());
+            } else {
+                let name = Name::new(part).map_err(|e| e.to_string())?;
+                match peers.iter().find(|(n, _, _)| *n == name) {
+                    None => notes.push(format!(
+                        "{name} has never been seen; the command is queued until it connects"
+                    )),
+                    Some((_, false, _)) => notes.push(format!(
+                        "{name} is offline; the command is queued until it returns"
+                    )),
+                    Some(_) => {}
+                }
+                targets.push(name);
+            }
+        }
+        targets.sort();
+        targets.dedup();
+        if targets.is_empty() {
+            return Err("no target nodes given (--to)".into());
+        }
+        if targets.contains(&self.cfg.name) {
+            return Err(format!(
+                "{} is this node; send to other nodes",
+                self.cfg.name
+            ));
+        }
+        let method = command.method();
+        let items = targets
+            .iter()
+            .map(|t| Outgoing {
+                to: t.clone(),
+                lane: lane.clone(),
+                ttl_s,
+                body: Body::Command(command.clone()),
+            })
+            .collect();
+        let (job, queued) = self
+            .node
+            .submit_job(method, &summary, items, now)
+            .map_err(|e| e.to_string())?;
+        Ok(json!({
+            "ok": true,
+            "job": job,
+            "targets": queued.iter().map(|q| json!({ "node": q.to.as_str(), "lane": q.lane.as_str(), "seq": q.seq })).collect::<Vec<_>>(),
+            "notes": notes,
+        }))
+    }
+
+    fn status(&self, now: u64) -> Result<Value, String> {
+        let store = self.node.store();
+        let (used, quota) = store.usage();
+        let counts = store.counts().map_err(|e| e.to_string())?;
+        let outbox = store.outbox_depths().map_err(|e| e.to_string())?;
+        let inbox = store.inbox_depths().map_err(|e| e.to_string())?;
+        let peers = store.peers().map_err(|e| e.to_string())?;
+        let oldest = store.oldest_unacked().map_err(|e| e.to_string())?;
+        Ok(json!({
+            "ok": true,
+            "node": self.cfg.name.as_str(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "broker": self.cfg.broker.to_string(),
+            "link": {
+                "connected": self.node.is_connected(),
+                "since_ms": self.link_since_ms,
+                "for_s": now.saturating_sub(self.link_since_ms) / 1000,
+                "last_error": self.last_error,
+            },
+            "store": { "used": used, "quota": quota, "quarantined": counts.quarantined, "events": counts.events },
+            "outbox": outbox.iter().map(|(p, l, n)| {
+                let age = oldest.iter().find(|(op, ol, _)| op == p && ol == l).map(|(_, _, c)| now.saturating_sub(*c) / 1000);
+                json!({ "peer": p.as_str(), "lane": l.as_str(), "frames": n, "oldest_unacked_s": age })
+            }).collect::<Vec<_>>(),
+            "inbox": inbox.iter().map(|(p, l, n)| json!({ "peer": p.as_str(), "lane": l.as_str(), "frames": n })).collect::<Vec<_>>(),
+            "running": self.running.iter().map(|((p, l, s), (m, t))| json!({
+                "peer": p.as_str(), "lane": l.as_str(), "seq": s, "method": m, "for_s": now.saturating_sub(*t) / 1000
+            })).collect::<Vec<_>>(),
+            "peers": peers.iter().map(|(n, online, since)| json!({ "name": n.as_str(), "online": online, "since_ms": since })).collect::<Vec<_>>(),
+        }))
+    }
+}
+
+fn n_results(job: &Job) -> usize {
+    job.targets.iter().filter(|t| t.result.is_some()).count()
+}
+
+/// `*` any run, `?` one character; enough for node names.
+pub fn glob(pattern: &str, name: &str) -> bool {
+    fn rec(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => rec(&p[1..], n) || (!n.is_empty() && rec(p, &n[1..])),
+            (Some(b'?'), Some(_)) => rec(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => rec(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    rec(pattern.as_bytes(), name.as_bytes())
+}
+
+fn command_of(spec: CommandSpec) -> Result<(Command, String), String> {
+    Ok(match spec {
+        CommandSpec::Exec {
+            argv,
+            env,
+            cwd,
+            stdin,
+            timeout_ms,
+            rerun,
+        } => {
+            if argv.is_empty() {
+                return Err("exec needs a program: exec -- PROGRAM ARGS...".into());
+            }
+            let summary = argv.join(" ");
+            let exec = Exec {
+                argv,
+                env,
+                cwd,
+                stdin: stdin.into_bytes(),
+                timeout_ms: timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS),
+                rerun,
+            };
+            (Command::Exec(exec), summary)
+        }
+        CommandSpec::Ping => (Command::Ping, "ping".into()),
+        CommandSpec::HttpGet {
+            url,
+            timeout_ms,
+            max_body,
+        } => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!(
+                    "http-get: {url:?} is not an http:// or https:// url"
+                ));
+            }
+            let summary = format!("http-get {url}");
+            let h = HttpGet {
+                url,
+                timeout_ms: timeout_ms.unwrap_or(30_000),
+                max_body: max_body.unwrap_or(64 * 1024),
+            };
+            (Command::HttpGet(h), summary)
+        }
+    })
+}
+
+fn exec_spec(e: &Exec, output_cap: usize) -> exec::Spec {
+    exec::Spec {
+        argv: e.argv.clone(),
+        env: e.env.clone(),
+        cwd: e.cwd.as_ref().map(Into::into),
+        stdin: e.stdin.clone(),
+        timeout: Duration::from_millis(u64::from(e.timeout_ms.max(1))),
+        output_cap,
+    }
+}
+
+fn exec_result(seq: u64, out: exec::Output) -> CmdResult {
+    let (status, exit_code, reason) = match &out.outcome {
+        exec::Outcome::Exited(0) => (Status::Ok, Some(0), String::new()),
+        exec::Outcome::Exited(c) => (Status::Failed, Some(*c), format!("exit code {c}")),
+        exec::Outcome::Signalled(s) => (Status::Failed, None, format!("killed by signal {s}")),
+        exec::Outcome::TimedOut => (
+            Status::Timeout,
+            None,
+            "timed out; its process group was killed".into(),
+        ),
+        exec::Outcome::Cancelled => (Status::Cancelled, None, "cancelled".into()),
+        exec::Outcome::SpawnFailed(e) | exec::Outcome::WaitFailed(e) => {
+            (Status::Failed, None, e.clone())
+        }
+    };
+    CmdResult {
+        seq,
+        status,
+        exit_code,
+        stdout: out.stdout,
+        stderr: out.stderr,
+        truncated: out.truncated,
+        started_ms: out.started_ms,
+        duration_ms: out.duration_ms,
+        reason,
+        http: None,
+    }
+}
+
+fn http_get(seq: u64, h: &HttpGet) -> CmdResult {
+    let started = now_ms();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_millis(u64::from(h.timeout_ms.max(1)))))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut result = CmdResult::without_run(seq, Status::Ok, "", started);
+    match agent.get(&h.url).call() {
+        Ok(mut resp) => {
+            let status = resp.status().as_u16();
+            let headers = resp
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
+            let mut body = Vec::new();
+            let max = u64::from(h.max_body);
+            let read = resp
+                .body_mut()
+                .as_reader()
+                .take(max + 1)
+                .read_to_end(&mut body);
+            if let Err(e) = read {
+                result.status = Status::Failed;
+                result.reason = format!("reading the body: {e}");
+            }
+            if body.len() as u64 > max {
+                body.truncate(max as usize);
+                result.truncated = true;
+            }
+            if status >= 400 {
+                result.status = Status::Failed;
+                result.reason = format!("http status {status}");
+            }
+            result.stdout = body;
+            result.http = Some(frame::HttpReply { status, headers });
+        }
+        Err(e) => {
+            result.status = Status::Failed;
+            result.reason = format!("http-get {}: {e}", h.url);
+        }
+    }
+    result.duration_ms = now_ms().saturating_sub(started);
+    result
+}
+
+use std::io::Read as _;
+
+/// A job as JSON for the control socket and `--json`.
+pub fn job_json(job: &Job) -> Value {
+    json!({
+        "id": job.id,
+        "created_ms": job.created_ms,
+        "method": job.method,
+        "summary": job.summary,
+        "targets": job.targets.iter().map(|t| {
+            let mut v = json!({ "node": t.node.as_str(), "lane": t.lane.as_str(), "seq": t.seq, "state": t.state });
+            if let Some(r) = &t.result {
+                v["result"] = result_json(r, job, t.at_ms);
+            }
+            v
+        }).collect::<Vec<_>>(),
+    })
+}
+
+fn result_json(r: &CmdResult, job: &Job, at_ms: Option<u64>) -> Value {
+    let mut v = json!({
+        "status": r.status.as_str(),
+        "exit_code": r.exit_code,
+        "stdout": String::from_utf8_lossy(&r.stdout),
+        "stderr": String::from_utf8_lossy(&r.stderr),
+        "truncated": r.truncated,
+        "started_ms": r.started_ms,
+        "duration_ms": r.duration_ms,
+        "reason": r.reason,
+    });
+    if job.method == "ping" {
+        v["rtt_ms"] = json!(at_ms.map(|a| a.saturating_sub(job.created_ms)));
+    }
+    if let Some(h) = &r.http {
+        v["http_status"] = json!(h.status);
+        v["http_headers"] = json!(h.headers);
+    }
+    v
+}
+
+fn prepare_state_dir(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create state directory {}: {e}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("cannot restrict {}: {e}", dir.display()))
+}
+
+/// One agent per state directory: an exclusive `flock` held for the process's life.
+fn lock_state_dir(dir: &Path) -> Result<std::fs::File, String> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(format!(
+            "another agent is already running with state directory {}",
+            dir.display()
+        ));
+    }
+    Ok(file)
+}
+
+fn bind_control(dir: &Path) -> Result<smol::net::unix::UnixListener, String> {
+    let path = control::socket_path(dir);
+    // We hold the state directory lock, so a socket file left here is stale.
+    let _ = std::fs::remove_file(&path);
+    let listener = smol::net::unix::UnixListener::bind(&path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("cannot restrict {}: {e}", path.display()))?;
+    Ok(listener)
+}
+
+async fn forward(events: Receiver<LinkEvent>, tx: Sender<Msg>) {
+    while let Ok(ev) = events.recv().await {
+        if tx.send(Msg::Link(ev)).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn serve_control(listener: smol::net::unix::UnixListener, tx: Sender<Msg>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                smol::spawn(serve_client(stream, tx.clone())).detach();
+            }
+            Err(e) => {
+                warn!("control socket accept: {e}");
+                smol::Timer::after(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn serve_client(stream: smol::net::unix::UnixStream, tx: Sender<Msg>) {
+    let mut reader = BufReader::new(stream.clone());
+    let mut writer = stream;
+    loop {
+        let mut line = Vec::new();
+        let n = match (&mut reader)
+            .take(control::MAX_REQUEST as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        if n == 0 {
+            return;
+        }
+        let oversized = line.len() > control::MAX_REQUEST;
+        let reply = match control::parse_request(&line) {
+            Ok(req) => {
+                let timeout = match &req {
+                    Request::Wait { timeout_ms, .. } => {
+                        Duration::from_millis((*timeout_ms).min(600_000))
+                    }
+                    _ => Duration::from_secs(60),
+                };
+                let (rtx, rrx) = smol::channel::bounded(1);
+                if tx.send(Msg::Control(req, rtx)).await.is_err() {
+                    return;
+                }
+                smol::future::or(
+                    async {
+                        rrx.recv()
+                            .await
+                            .unwrap_or_else(|_| control::error_reply("agent stopping"))
+                    },
+                    async {
+                        smol::Timer::after(timeout).await;
+                        json!({ "ok": true, "timeout": true })
+                    },
+                )
+                .await
+            }
+            Err(e) => control::error_reply(e),
+        };
+        let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+        out.push(b'\n');
+        if writer.write_all(&out).await.is_err() {
+            return;
+        }
+        if oversized {
+            // The rest of an oversized line is not worth reading: hang up.
+            return;
+        }
+    }
+}
+
+/// For `--json` consumers that want one object per target result.
+pub fn target_result_json(job: &Value, target: &Value) -> Value {
+    let r = &target["result"];
+    json!({
+        "node": target["node"],
+        "job": job["id"],
+        "status": r["status"],
+        "exit_code": r["exit_code"],
+        "stdout": r["stdout"],
+        "stderr": r["stderr"],
+        "truncated": r["truncated"],
+        "duration_ms": r["duration_ms"],
+        "reason": r["reason"],
+        "rtt_ms": r.get("rtt_ms").cloned().unwrap_or(Value::Null),
+        "http_status": r.get("http_status").cloned().unwrap_or(Value::Null),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::Envelope;
+
+    #[test]
+    fn globs_match_node_names() {
+        assert!(glob("ship*", "ship12"));
+        assert!(glob("*", "a"));
+        assert!(glob("wind-?", "wind-7"));
+        assert!(!glob("wind-?", "wind-77"));
+        assert!(!glob("ship*", "boat1"));
+    }
+
+    #[test]
+    fn envelopes_carry_ttl_checks() {
+        let env = Envelope {
+            from: Name::new("a").unwrap(),
+            to: Name::new("b").unwrap(),
+            lane: frame::default_lane(),
+            seq: 1,
+            created_ms: 1_000,
+            ttl_s: Some(1),
+            body: Body::Ack { upto: 0 },
+        };
+        assert!(!env.expired(2_000));
+        assert!(env.expired(2_001));
+    }
+}

@@ -1,0 +1,256 @@
+//! Command-line flags (argh): raw values only, no I/O.
+
+use std::path::PathBuf;
+
+use argh::FromArgs;
+
+use crate::config::FileConfig;
+
+/// outpost: store-and-forward commands and files for remote Linux nodes over MQTT.
+#[derive(FromArgs, Debug)]
+pub struct Cli {
+    #[argh(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum Cmd {
+    Agent(AgentArgs),
+    Send(SendArgs),
+    Jobs(JobsArgs),
+    Status(StatusArgs),
+    Config(ConfigArgs),
+    Version(VersionArgs),
+    Demo(DemoArgs),
+}
+
+/// run the agent: keep the broker link, store, execute and replay
+#[derive(FromArgs, Debug, Default)]
+#[argh(subcommand, name = "agent")]
+pub struct AgentArgs {
+    /// configuration file (default /etc/outpost/outpost.toml)
+    #[argh(option)]
+    pub config: Option<PathBuf>,
+    /// this node's name: a-z 0-9 . _ -
+    #[argh(option)]
+    pub name: Option<String>,
+    /// broker url, mqtt://host:port or mqtts://host:port
+    #[argh(option)]
+    pub broker: Option<String>,
+    /// state directory: store, keys, control socket
+    #[argh(option)]
+    pub state_dir: Option<PathBuf>,
+    /// topic prefix (default outpost)
+    #[argh(option)]
+    pub prefix: Option<String>,
+    /// mqtt keepalive, e.g. 60s
+    #[argh(option)]
+    pub keepalive: Option<String>,
+    /// longest wait between reconnect attempts, e.g. 60s
+    #[argh(option)]
+    pub backoff_cap: Option<String>,
+    /// full (fsync every commit) or normal
+    #[argh(option)]
+    pub durability: Option<String>,
+    /// store quota, e.g. 256MiB
+    #[argh(option)]
+    pub quota: Option<String>,
+    /// error, warn, info or debug (also OUTPOST_LOG)
+    #[argh(option)]
+    pub log_level: Option<String>,
+    /// cap on captured stdout and stderr per command, e.g. 64KiB
+    #[argh(option)]
+    pub output_cap: Option<String>,
+    /// broker user name
+    #[argh(option)]
+    pub username: Option<String>,
+    /// broker password
+    #[argh(option)]
+    pub password: Option<String>,
+    /// CA certificate file (PEM) for mqtts://
+    #[argh(option)]
+    pub ca_file: Option<PathBuf>,
+    /// client certificate (PEM) for mutual TLS
+    #[argh(option)]
+    pub client_cert: Option<PathBuf>,
+    /// client private key (PEM) for mutual TLS
+    #[argh(option)]
+    pub client_key: Option<PathBuf>,
+}
+
+impl AgentArgs {
+    /// The flags as a config layer that overrides the file.
+    pub fn layer(&self) -> FileConfig {
+        FileConfig {
+            name: self.name.clone(),
+            broker: self.broker.clone(),
+            state_dir: self.state_dir.clone(),
+            prefix: self.prefix.clone(),
+            keepalive: self.keepalive.clone(),
+            backoff_cap: self.backoff_cap.clone(),
+            durability: self.durability.clone(),
+            quota: self.quota.clone(),
+            log_level: self.log_level.clone(),
+            output_cap: self.output_cap.clone(),
+            username: self.username.clone(),
+            password: self.password.clone(),
+            ca_file: self.ca_file.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+        }
+    }
+}
+
+/// send a command to nodes; waits for results unless --async
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "send")]
+pub struct SendArgs {
+    /// target nodes: comma-separated names and glob patterns (e.g. ship1,wind-*)
+    #[argh(option)]
+    pub to: String,
+    /// ordered (default, one after another) or parallel
+    #[argh(option, default = "String::from(\"ordered\")")]
+    pub lane: String,
+    /// do not start after this long, e.g. 1h
+    #[argh(option)]
+    pub ttl: Option<String>,
+    /// kill the command after this long (default 60s)
+    #[argh(option)]
+    pub timeout: Option<String>,
+    /// print the job id and return at once
+    #[argh(switch, long = "async")]
+    pub no_wait: bool,
+    /// one JSON object per target result
+    #[argh(switch)]
+    pub json: bool,
+    /// the local agent's state directory (else OUTPOST_STATE_DIR, else /var/lib/outpost)
+    #[argh(option)]
+    pub state_dir: Option<PathBuf>,
+    #[argh(subcommand)]
+    pub method: Method,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum Method {
+    Exec(ExecArgs),
+    Ping(PingArgs),
+    HttpGet(HttpGetArgs),
+}
+
+/// run a program: outpost send --to N exec -- PROGRAM ARGS...
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "exec")]
+pub struct ExecArgs {
+    /// environment variable for the command, NAME=VALUE (repeatable)
+    #[argh(option)]
+    pub env: Vec<String>,
+    /// working directory on the node
+    #[argh(option)]
+    pub cwd: Option<String>,
+    /// run again if the agent was restarted while it ran (default: report interrupted)
+    #[argh(switch)]
+    pub rerun: bool,
+    /// program and arguments
+    #[argh(positional, greedy)]
+    pub argv: Vec<String>,
+}
+
+/// measure the round trip to the nodes
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "ping")]
+pub struct PingArgs {}
+
+/// fetch a URL from the node's own network
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "http-get")]
+pub struct HttpGetArgs {
+    /// largest body to return, e.g. 64KiB
+    #[argh(option)]
+    pub max_body: Option<String>,
+    /// the URL
+    #[argh(positional)]
+    pub url: String,
+}
+
+/// list jobs, or show one
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "jobs")]
+pub struct JobsArgs {
+    /// JSON output
+    #[argh(switch)]
+    pub json: bool,
+    /// the local agent's state directory
+    #[argh(option)]
+    pub state_dir: Option<PathBuf>,
+    #[argh(subcommand)]
+    pub show: Option<JobsShow>,
+}
+
+/// show one job: outpost jobs show ID [--follow]
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "show")]
+pub struct JobsShow {
+    /// keep printing results as they arrive until every target has one
+    #[argh(switch)]
+    pub follow: bool,
+    /// JSON output
+    #[argh(switch)]
+    pub json: bool,
+    /// job id
+    #[argh(positional)]
+    pub id: i64,
+}
+
+/// the agent's link, store and queues
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "status")]
+pub struct StatusArgs {
+    /// JSON output
+    #[argh(switch)]
+    pub json: bool,
+    /// the local agent's state directory
+    #[argh(option)]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// configuration tools
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "config")]
+pub struct ConfigArgs {
+    #[argh(subcommand)]
+    pub cmd: ConfigCmd,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum ConfigCmd {
+    Check(ConfigCheck),
+}
+
+/// validate a configuration file and print the effective configuration
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "check")]
+pub struct ConfigCheck {
+    /// configuration file (default /etc/outpost/outpost.toml)
+    #[argh(option)]
+    pub config: Option<PathBuf>,
+    /// JSON output
+    #[argh(switch)]
+    pub json: bool,
+}
+
+/// print the version
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "version")]
+pub struct VersionArgs {}
+
+/// run a local demo: a broker, a central and two nodes, one behind a flaky link
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "demo")]
+pub struct DemoArgs {
+    /// keep the demo's directory afterwards
+    #[argh(switch)]
+    pub keep: bool,
+}

@@ -1,0 +1,315 @@
+//! The validated agent configuration: a TOML file, then flags on top.
+//!
+//! Two steps, as ripgrep does: [`FileConfig`] and the flags are raw; [`Config`] is
+//! what the agent runs with, every value checked once, here.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::Name;
+use crate::link::BrokerUrl;
+use crate::store::Durability;
+
+pub const DEFAULT_CONFIG: &str = "/etc/outpost/outpost.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/outpost";
+
+/// The configuration file as written; every key optional.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub name: Option<String>,
+    pub broker: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub prefix: Option<String>,
+    pub keepalive: Option<String>,
+    pub backoff_cap: Option<String>,
+    pub durability: Option<String>,
+    pub quota: Option<String>,
+    pub log_level: Option<String>,
+    pub output_cap: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+impl FileConfig {
+    /// Reads a file; a missing file at the default path is an empty config.
+    pub fn load(path: &Path, explicit: bool) -> Result<FileConfig, String> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(FileConfig::default())
+            }
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))
+    }
+
+    /// Flags win over the file: fills `self` with every key `over` sets.
+    pub fn overlay(mut self, over: FileConfig) -> FileConfig {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
+        }
+        take!(
+            name,
+            broker,
+            state_dir,
+            prefix,
+            keepalive,
+            backoff_cap,
+            durability,
+            quota,
+            log_level,
+            output_cap,
+            username,
+            password,
+            ca_file,
+            client_cert,
+            client_key
+        );
+        self
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+impl std::str::FromStr for LogLevel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "error" => Ok(LogLevel::Error),
+            "warn" => Ok(LogLevel::Warn),
+            "info" => Ok(LogLevel::Info),
+            "debug" => Ok(LogLevel::Debug),
+            _ => Err(format!(
+                "unknown log level {s:?} (expected error, warn, info or debug)"
+            )),
+        }
+    }
+}
+
+/// What the agent runs with.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub name: Name,
+    #[serde(serialize_with = "display")]
+    pub broker: BrokerUrl,
+    pub state_dir: PathBuf,
+    pub prefix: String,
+    #[serde(serialize_with = "secs")]
+    pub keepalive: Duration,
+    #[serde(serialize_with = "secs")]
+    pub backoff_cap: Duration,
+    pub durability: Durability,
+    pub quota: u64,
+    pub log_level: LogLevel,
+    pub output_cap: u64,
+    pub username: Option<String>,
+    #[serde(serialize_with = "redact")]
+    pub password: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+fn display<S: serde::Serializer>(v: &BrokerUrl, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn secs<S: serde::Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_duration(*v))
+}
+
+fn redact<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("********"),
+        None => s.serialize_none(),
+    }
+}
+
+impl Config {
+    pub fn build(raw: FileConfig) -> Result<Config, String> {
+        let name = raw
+            .name
+            .ok_or("no node name: set `name` in the config file or pass --name")?;
+        let name = Name::new(&name).map_err(|e| format!("name: {e}"))?;
+        let broker = raw.broker.ok_or(
+            "no broker: set `broker` in the config file or pass --broker mqtt://HOST:PORT",
+        )?;
+        let broker: BrokerUrl = broker.parse().map_err(|e| format!("broker: {e}"))?;
+        let prefix = raw.prefix.unwrap_or_else(|| "outpost".into());
+        if prefix.is_empty() || prefix.contains(['+', '#', '\0']) || prefix.ends_with('/') {
+            return Err(format!("prefix {prefix:?}: must be a non-empty MQTT topic without wildcards or a trailing /"));
+        }
+        let keepalive = opt(raw.keepalive.as_deref(), "keepalive", parse_duration)?
+            .unwrap_or(Duration::from_secs(60));
+        if keepalive < Duration::from_secs(1) || keepalive > Duration::from_secs(65_535) {
+            return Err("keepalive: between 1s and 65535s".into());
+        }
+        let backoff_cap = opt(raw.backoff_cap.as_deref(), "backoff_cap", parse_duration)?
+            .unwrap_or(Duration::from_secs(60));
+        let durability = opt(raw.durability.as_deref(), "durability", |s| s.parse())?
+            .unwrap_or(Durability::Full);
+        let quota = opt(raw.quota.as_deref(), "quota", parse_size)?.unwrap_or(256 * 1024 * 1024);
+        let output_cap =
+            opt(raw.output_cap.as_deref(), "output_cap", parse_size)?.unwrap_or(64 * 1024);
+        let log_level =
+            opt(raw.log_level.as_deref(), "log_level", |s| s.parse())?.unwrap_or(LogLevel::Info);
+        if broker.tls && raw.ca_file.is_none() {
+            return Err("ca_file: required for an mqtts:// broker".into());
+        }
+        if raw.client_cert.is_some() != raw.client_key.is_some() {
+            return Err("client_cert and client_key go together".into());
+        }
+        Ok(Config {
+            name,
+            broker,
+            state_dir: raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            prefix,
+            keepalive,
+            backoff_cap,
+            durability,
+            quota,
+            log_level,
+            output_cap,
+            username: raw.username,
+            password: raw.password,
+            ca_file: raw.ca_file,
+            client_cert: raw.client_cert,
+            client_key: raw.client_key,
+        })
+    }
+
+    pub fn inbox_topic(&self, node: &Name) -> String {
+        format!("{}/{node}/in", self.prefix)
+    }
+
+    pub fn presence_topic(&self, node: &Name) -> String {
+        format!("{}/{node}/presence", self.prefix)
+    }
+}
+
+fn opt<T>(
+    v: Option<&str>,
+    key: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Option<T>, String> {
+    v.map(|s| parse(s).map_err(|e| format!("{key}: {e}")))
+        .transpose()
+}
+
+/// `500ms`, `30s`, `5m`, `2h`, `1d`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?} (try 30s, 5m, 2h, 1d)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        _ => return Err(format!("bad duration unit in {s:?} (use ms, s, m, h or d)")),
+    };
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("duration {s:?} out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 != 0 {
+        format!("{ms}ms")
+    } else if ms % 3_600_000 == 0 && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else {
+        format!("{}s", ms / 1000)
+    }
+}
+
+/// `1000`, `64KiB`, `256MiB`, `1GiB` (also KB/MB/GB as powers of ten).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad size {s:?} (try 64MiB)"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        u => {
+            return Err(format!(
+                "bad size unit {u:?} in {s:?} (use KiB, MiB or GiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes_parse_in_human_units() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("10").unwrap(), Duration::from_secs(10));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5y").is_err());
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("12 parsecs").is_err());
+        assert_eq!(format_duration(Duration::from_secs(300)), "5m");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_bad_values_are_named() {
+        let file: FileConfig =
+            toml::from_str("name = \"ship1\"\nbroker = \"mqtt://b:1883\"\nkeepalive = \"2m\"")
+                .unwrap();
+        let flags = FileConfig {
+            keepalive: Some("30s".into()),
+            ..FileConfig::default()
+        };
+        let cfg = Config::build(file.clone().overlay(flags)).unwrap();
+        assert_eq!(cfg.keepalive, Duration::from_secs(30));
+        assert_eq!(cfg.name.as_str(), "ship1");
+        let bad = FileConfig {
+            durability: Some("sometimes".into()),
+            ..file
+        };
+        assert!(Config::build(bad).unwrap_err().starts_with("durability:"));
+        assert!(
+            toml::from_str::<FileConfig>("nmae = \"x\"").is_err(),
+            "unknown keys are errors"
+        );
+    }
+}
