@@ -666,10 +666,8 @@ mod tests {
                 b
             };
             let _ = decode(&bytes);
-            for f in unpack(&bytes) {
-                if let Ok(f) = f {
-                    let _ = decode(f);
-                }
+            for f in unpack(&bytes).flatten() {
+                let _ = decode(f);
             }
             bytes.clear();
         }

@@ -152,6 +152,9 @@ pub struct OutStream {
     pub last_seq: u64,
 }
 
+/// A stored frame and its sequence number.
+pub type SeqFrame = (u64, Vec<u8>);
+
 /// Frames held after a gap may run at most this far past the watermark.
 pub const HOLD_AHEAD: u64 = 4096;
 
@@ -212,10 +215,7 @@ impl Store {
         now_ms: u64,
     ) -> Result<Vec<Queued>, StoreError> {
         let tx = self.conn.transaction()?;
-        let (queued, added) = match enqueue_in(&tx, &self.me, &items, now_ms) {
-            Ok(v) => v,
-            Err(e) => return Err(e),
-        };
+        let (queued, added) = enqueue_in(&tx, &self.me, &items, now_ms)?;
         if self.used + added > self.quota {
             drop(tx);
             return Err(StoreError::Full {
@@ -266,7 +266,7 @@ impl Store {
         from: u64,
         to: u64,
         now_ms: u64,
-    ) -> Result<(Vec<(u64, Vec<u8>)>, Vec<Corrupt>), StoreError> {
+    ) -> Result<(Vec<SeqFrame>, Vec<Corrupt>), StoreError> {
         let rows: Vec<(u64, Vec<u8>)> = {
             let mut stmt = self.conn.prepare_cached(
                 "SELECT seq, frame FROM outbox WHERE peer = ?1 AND lane = ?2 AND seq BETWEEN ?3 AND ?4 ORDER BY seq",
@@ -774,6 +774,7 @@ impl Store {
     /// finished `interrupted` (its result goes back), unless it asked to be re-run,
     /// in which case its journal entry is cleared and it becomes runnable again.
     pub fn recover_interrupted(&mut self, now_ms: u64) -> Result<Vec<Queued>, StoreError> {
+        #[allow(clippy::type_complexity)]
         let rows: Vec<(String, String, i64, String, Option<Vec<u8>>)> = {
             let mut stmt = self.conn.prepare(
                 "SELECT j.peer, j.lane, j.seq, j.method, i.frame FROM journal j

@@ -220,11 +220,11 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
         }
 
         // Send what each connected node wants to send, through a lossy network.
-        for i in 0..nodes.len() {
-            if !nodes[i].link_up {
+        for n in nodes.iter_mut() {
+            if !n.link_up {
                 continue;
             }
-            let node = nodes[i].node.as_mut().unwrap();
+            let node = n.node.as_mut().unwrap();
             let (payloads, corrupt) = node.poll_out(now).map_err(|e| e.to_string())?;
             if !corrupt.is_empty() {
                 return Err(format!("unexpected corruption: {corrupt:?}"));
