@@ -711,6 +711,7 @@ pub fn job_json(job: &Job) -> Value {
             let mut v = json!({ "node": t.node.as_str(), "lane": t.lane.as_str(), "seq": t.seq, "state": t.state });
             if let Some(r) = &t.result {
                 v["result"] = result_json(r, job, t.at_ms);
+                v["result_id"] = json!(t.result_id);
             }
             v
         }).collect::<Vec<_>>(),

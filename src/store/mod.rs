@@ -597,7 +597,7 @@ impl Store {
             return Ok(None);
         };
         let mut stmt = self.conn.prepare_cached(
-            "SELECT t.node, t.lane, t.seq, t.state, r.frame, r.at_ms FROM job_targets t
+            "SELECT t.node, t.lane, t.seq, t.state, r.frame, r.at_ms, r.id FROM job_targets t
              LEFT JOIN results r ON r.id = t.result WHERE t.job = ?1 ORDER BY t.node",
         )?;
         let rows = stmt.query_map([id], |r| {
@@ -608,11 +608,12 @@ impl Store {
                 r.get::<_, String>(3)?,
                 r.get::<_, Option<Vec<u8>>>(4)?,
                 r.get::<_, Option<i64>>(5)?,
+                r.get::<_, Option<i64>>(6)?,
             ))
         })?;
         let mut targets = Vec::new();
         for row in rows {
-            let (node, lane, seq, state, frame_bytes, at_ms) = row?;
+            let (node, lane, seq, state, frame_bytes, at_ms, result_id) = row?;
             let result = match frame_bytes {
                 Some(b) => match frame::decode(&b)?.body {
                     Body::Result(r) => Some(r),
@@ -633,6 +634,7 @@ impl Store {
                 state,
                 result,
                 at_ms: at_ms.map(|v| v as u64),
+                result_id,
             });
         }
         Ok(Some(Job {
@@ -955,6 +957,8 @@ pub struct JobTarget {
     pub state: String,
     pub result: Option<CmdResult>,
     pub at_ms: Option<u64>,
+    /// Row id of the result: results are numbered in arrival order.
+    pub result_id: Option<i64>,
 }
 
 impl Job {

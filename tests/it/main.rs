@@ -2,6 +2,7 @@
 //! library's protocol core in `sim`, real processes (mosquitto, the outpost binary)
 //! through the helpers in `support` everywhere else.
 
+mod agent;
 mod sim;
 mod support;
 mod support_selftest;

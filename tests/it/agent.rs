@@ -1,0 +1,555 @@
+//! The real `outpost` binary against a real mosquitto, with a fault proxy between
+//! the node agent and the broker.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use outpost::control::{Client, CommandSpec, Request};
+
+use crate::support::broker::Broker;
+use crate::support::proxy::{Mode, Proxy};
+use crate::support::{wait_for, wait_until, KillOnDrop, TempDir};
+
+const BIN: &str = env!("CARGO_BIN_EXE_outpost");
+const LONG: Duration = Duration::from_secs(120);
+
+/// One `outpost agent` process with its own state directory.
+pub struct Agent {
+    pub name: String,
+    pub dir: PathBuf,
+    broker_url: String,
+    extra: Vec<String>,
+    proc: Option<KillOnDrop>,
+    n_starts: u32,
+}
+
+impl Agent {
+    pub fn start_with(name: &str, broker_url: &str, base: &Path, extra: &[&str]) -> Agent {
+        let mut a = Agent {
+            name: name.into(),
+            dir: base.join(name),
+            broker_url: broker_url.into(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            proc: None,
+            n_starts: 0,
+        };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        self.n_starts += 1;
+        let log =
+            std::fs::File::create(self.dir.join(format!("agent-{}.log", self.n_starts))).unwrap();
+        let child = Command::new(BIN)
+            .args(["agent", "--name", &self.name, "--broker", &self.broker_url])
+            .arg("--state-dir")
+            .arg(&self.dir)
+            .args([
+                "--backoff-cap",
+                "1s",
+                "--keepalive",
+                "5s",
+                "--log-level",
+                "debug",
+            ])
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn outpost agent");
+        self.proc = Some(KillOnDrop(child));
+        let dir = self.dir.clone();
+        wait_until("agent control socket answers", LONG, || {
+            Client::connect(&dir)
+                .and_then(|mut c| c.call(&Request::Status, Duration::from_secs(10)))
+                .is_ok()
+        });
+    }
+
+    /// SIGKILL, then start again on the same state directory.
+    pub fn kill9_and_restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let _ = p.0.kill();
+            let _ = p.0.wait();
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().unwrap().0.id()
+    }
+
+    pub fn call(&self, req: &Request) -> Value {
+        Client::connect(&self.dir)
+            .and_then(|mut c| c.call(req, Duration::from_secs(60)))
+            .expect("control call")
+    }
+
+    pub fn status(&self) -> Value {
+        self.call(&Request::Status)
+    }
+
+    pub fn sees_online(&self, peer: &str) -> bool {
+        self.status()["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == peer && p["online"] == true)
+    }
+
+    /// Runs the CLI against this agent.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("OUTPOST_STATE_DIR", &self.dir)
+            .output()
+            .expect("run outpost")
+    }
+
+    /// Queues an exec and returns the job id.
+    pub fn send_exec(&self, to: &str, lane: &str, argv: &[&str], ttl_s: Option<u32>) -> i64 {
+        let req = Request::Send {
+            to: to.into(),
+            lane: Some(lane.into()),
+            ttl_s,
+            command: CommandSpec::Exec {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                env: vec![],
+                cwd: None,
+                stdin: String::new(),
+                timeout_ms: Some(60_000),
+                rerun: false,
+            },
+        };
+        self.call(&req)["job"].as_i64().unwrap()
+    }
+
+    pub fn job(&self, id: i64) -> Value {
+        self.call(&Request::Job { id })["job"].clone()
+    }
+
+    /// Jobs whose single target has a result, as (job id, result id, status, stdout).
+    pub fn results(&self, limit: u32) -> Vec<(i64, i64, String, String)> {
+        let jobs = self.call(&Request::Jobs { limit: Some(limit) })["jobs"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let mut out = Vec::new();
+        for j in jobs {
+            let t = &j["targets"][0];
+            if !t["result"].is_null() {
+                out.push((
+                    j["id"].as_i64().unwrap(),
+                    t["result_id"].as_i64().unwrap(),
+                    t["result"]["status"].as_str().unwrap().to_string(),
+                    t["result"]["stdout"].as_str().unwrap().to_string(),
+                ));
+            }
+        }
+        out.sort_by_key(|r| r.0);
+        out
+    }
+
+    /// Peak resident set size so far, from /proc.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+}
+
+/// A broker, a `central` agent on it directly and a `ship1` agent behind a proxy.
+struct Rig {
+    _tmp: TempDir,
+    broker: Broker,
+    proxy: Proxy,
+    central: Agent,
+    ship: Agent,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        Rig::with(&[])
+    }
+
+    fn with(extra: &[&str]) -> Rig {
+        let tmp = TempDir::new();
+        let broker = Broker::start();
+        let proxy = Proxy::start(broker.addr());
+        let central = Agent::start_with("central", &broker.url(), tmp.path(), extra);
+        let ship = Agent::start_with("ship1", &proxy.url(), tmp.path(), extra);
+        let rig = Rig {
+            _tmp: tmp,
+            broker,
+            proxy,
+            central,
+            ship,
+        };
+        wait_until("central sees ship1 online", LONG, || {
+            rig.central.sees_online("ship1")
+        });
+        rig
+    }
+
+    fn take_ship_offline(&self) {
+        self.proxy.set_mode(Mode::Refuse);
+        wait_until("central sees ship1 offline", LONG, || {
+            !self.central.sees_online("ship1")
+        });
+    }
+
+    /// Queues `n` ordered commands that each append their number to `file` on the ship.
+    fn queue_appends(&self, n: usize, file: &Path) -> Vec<i64> {
+        (1..=n)
+            .map(|i| {
+                let script = format!("echo {i} >> {}", file.display());
+                self.central
+                    .send_exec("ship1", "ordered", &["sh", "-c", &script], None)
+            })
+            .collect()
+    }
+
+    fn wait_results(&self, n: usize) -> Vec<(i64, i64, String, String)> {
+        wait_for(
+            &format!("{n} results at central"),
+            Duration::from_secs(300),
+            || {
+                let r = self.central.results(n as u32 + 10);
+                (r.len() >= n).then_some(r)
+            },
+        )
+    }
+}
+
+fn appended(file: &Path) -> Vec<u64> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect()
+}
+
+/// Results arrive once each, in the order the commands were sent (result ids are
+/// numbered in arrival order), and every `ok` command appended exactly its number.
+fn check_in_order_once(results: &[(i64, i64, String, String)], n: usize, file: &Path) {
+    assert_eq!(results.len(), n, "one result per command");
+    let arrival: Vec<i64> = results.iter().map(|r| r.1).collect();
+    let mut sorted = arrival.clone();
+    sorted.sort();
+    assert_eq!(arrival, sorted, "results arrived in command order");
+    let lines = appended(file);
+    let mut expect = Vec::new();
+    for (i, (_, _, status, _)) in results.iter().enumerate() {
+        match status.as_str() {
+            "ok" => expect.push(i as u64 + 1),
+            // Killed mid-run: it may or may not have appended, but never twice.
+            "interrupted" => {
+                if lines.contains(&(i as u64 + 1)) {
+                    expect.push(i as u64 + 1)
+                }
+            }
+            other => panic!("command {} ended {other}", i + 1),
+        }
+    }
+    assert_eq!(lines, expect, "each command ran at most once, in order");
+}
+
+#[test]
+fn exec_online_returns_output_and_exit_code_in_text_and_json() {
+    let rig = Rig::new();
+    let out = rig.central.cli(&[
+        "send", "--to", "ship1", "exec", "--", "echo", "hello", "world",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ship1: hello world\n");
+
+    let out = rig.central.cli(&[
+        "send",
+        "--to",
+        "ship1",
+        "--json",
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failed target makes the exit status non-zero"
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["node"], "ship1");
+    assert_eq!(v["status"], "failed");
+    assert_eq!(v["exit_code"], 3);
+    assert_eq!(v["stdout"], "out\n");
+    assert_eq!(v["stderr"], "err\n");
+    assert_eq!(v["truncated"], false);
+    assert!(v["job"].is_i64() && v["duration_ms"].is_u64());
+
+    let out = rig
+        .central
+        .cli(&["send", "--to", "nomatch-*", "exec", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no node seen online matches"),
+        "{out:?}"
+    );
+    let out = rig.central.cli(&["send", "--to", "ship*", "ping"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ship1: round trip"));
+}
+
+#[test]
+fn commands_queued_offline_run_once_in_order_when_the_link_returns() {
+    let rig = Rig::new();
+    let file = rig.ship.dir.join("appended.txt");
+    rig.take_ship_offline();
+    let jobs = rig.queue_appends(200, &file);
+    assert_eq!(jobs.len(), 200);
+    assert!(appended(&file).is_empty(), "nothing ran while offline");
+    rig.proxy.set_mode(Mode::Pass);
+    let results = rig.wait_results(200);
+    check_in_order_once(&results, 200, &file);
+    assert_eq!(appended(&file), (1..=200).collect::<Vec<_>>());
+}
+
+#[test]
+fn node_killed_at_random_moments_reports_interrupted_and_never_reruns() {
+    let mut rig = Rig::new();
+    let file = rig.ship.dir.join("appended.txt");
+    rig.take_ship_offline();
+    rig.queue_appends(200, &file);
+    rig.proxy.set_mode(Mode::Pass);
+    // Kill the node whenever it has made some progress, a few times over.
+    let mut seed = 0x5eed_u64;
+    for _ in 0..4 {
+        let before = appended(&file).len();
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let step = 10 + (seed >> 33) as usize % 30;
+        wait_until("node makes progress", LONG, || {
+            appended(&file).len() >= (before + step).min(200)
+        });
+        rig.ship.kill9_and_restart();
+    }
+    let results = rig.wait_results(200);
+    check_in_order_once(&results, 200, &file);
+}
+
+#[test]
+fn central_killed_and_restarted_receives_every_result_once() {
+    let mut rig = Rig::new();
+    let file = rig.ship.dir.join("appended.txt");
+    rig.take_ship_offline();
+    rig.queue_appends(200, &file);
+    rig.proxy.set_mode(Mode::Pass);
+    for step in [40, 120] {
+        wait_until("node makes progress", LONG, || {
+            appended(&file).len() >= step
+        });
+        rig.central.kill9_and_restart();
+    }
+    let results = rig.wait_results(200);
+    check_in_order_once(&results, 200, &file);
+    assert_eq!(appended(&file), (1..=200).collect::<Vec<_>>());
+}
+
+#[test]
+fn broker_restart_without_persistence_loses_and_duplicates_nothing() {
+    let mut rig = Rig::new();
+    let file = rig.ship.dir.join("appended.txt");
+    rig.take_ship_offline();
+    rig.queue_appends(200, &file);
+    rig.proxy.set_mode(Mode::Pass);
+    wait_until("node makes progress", LONG, || appended(&file).len() >= 50);
+    rig.broker.restart();
+    let results = rig.wait_results(200);
+    check_in_order_once(&results, 200, &file);
+    assert_eq!(appended(&file), (1..=200).collect::<Vec<_>>());
+}
+
+#[test]
+fn flapping_link_loses_duplicates_and_reorders_nothing() {
+    let rig = Rig::new();
+    let file = rig.ship.dir.join("appended.txt");
+    rig.queue_appends(200, &file);
+    let mut flips = 0;
+    while rig.central.results(250).len() < 200 {
+        // Down and up every few hundred milliseconds, measured by the proxy's own
+        // connection count rather than by sleeping blindly.
+        rig.proxy.set_mode(Mode::Refuse);
+        std::thread::sleep(Duration::from_millis(200));
+        rig.proxy.set_mode(Mode::Pass);
+        let accepted = rig.proxy.accepted();
+        wait_until("the node reconnects", LONG, || {
+            rig.proxy.accepted() > accepted
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        flips += 1;
+        assert!(flips < 400, "no completion after {flips} flaps");
+    }
+    let results = rig.wait_results(200);
+    check_in_order_once(&results, 200, &file);
+    assert_eq!(appended(&file), (1..=200).collect::<Vec<_>>());
+    assert!(flips >= 2, "the link flapped during the run ({flips})");
+}
+
+#[test]
+fn ttl_expired_while_offline_is_not_run_and_reports_expired() {
+    let rig = Rig::new();
+    let marker = rig.ship.dir.join("must-not-exist");
+    rig.take_ship_offline();
+    let job = rig.central.send_exec(
+        "ship1",
+        "ordered",
+        &["touch", marker.to_str().unwrap()],
+        Some(1),
+    );
+    // The TTL is measured against the sender's clock in the frame: wait it out.
+    let created = rig.central.job(job)["created_ms"].as_u64().unwrap();
+    wait_until("the ttl passes", LONG, || {
+        outpost::agent::now_ms() > created + 1_500
+    });
+    rig.proxy.set_mode(Mode::Pass);
+    let j = wait_for("the expired result", LONG, || {
+        let j = rig.central.job(job);
+        (!j["targets"][0]["result"].is_null()).then_some(j)
+    });
+    assert_eq!(j["targets"][0]["result"]["status"], "expired");
+    assert!(!marker.exists());
+}
+
+#[test]
+fn timeout_kills_the_whole_process_group() {
+    let rig = Rig::new();
+    let pidfile = rig.ship.dir.join("pids");
+    let script = format!("sleep 100 & echo $! > {}; sleep 100", pidfile.display());
+    let out = rig.central.cli(&[
+        "send",
+        "--to",
+        "ship1",
+        "--timeout",
+        "1s",
+        "--json",
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(json!({}));
+    assert_eq!(v["status"], "timeout", "{out:?}");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_until("the backgrounded child is gone", LONG, || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Gone, or a zombie waiting for init to reap it: nothing runs.
+        stat.is_empty() || stat.split_whitespace().nth(2) == Some("Z")
+    });
+}
+
+#[test]
+fn parallel_lane_does_not_hold_back_the_ordered_lane() {
+    let rig = Rig::new();
+    let gate = rig.ship.dir.join("gate");
+    let wait_gate = format!("while [ ! -e {} ]; do sleep 0.1; done", gate.display());
+    let slow: Vec<i64> = (0..2)
+        .map(|_| {
+            rig.central
+                .send_exec("ship1", "parallel", &["sh", "-c", &wait_gate], None)
+        })
+        .collect();
+    let quick = rig
+        .central
+        .send_exec("ship1", "ordered", &["echo", "quick"], None);
+    let j = wait_for(
+        "the ordered command finishes while the parallel ones wait",
+        LONG,
+        || {
+            let j = rig.central.job(quick);
+            (!j["targets"][0]["result"].is_null()).then_some(j)
+        },
+    );
+    assert_eq!(j["targets"][0]["result"]["stdout"], "quick\n");
+    for id in &slow {
+        assert!(
+            rig.central.job(*id)["targets"][0]["result"].is_null(),
+            "parallel commands still running"
+        );
+    }
+    std::fs::write(&gate, b"").unwrap();
+    for id in slow {
+        wait_until("the parallel commands finish", LONG, || {
+            !rig.central.job(id)["targets"][0]["result"].is_null()
+        });
+    }
+}
+
+#[test]
+fn restart_with_ten_thousand_queued_results_replays_them_in_order_with_flat_memory() {
+    // Durability normal: this is about replay and memory, not fsync speed.
+    let mut rig = Rig::with(&["--durability", "normal"]);
+    let n = 10_000;
+    // Queue the commands while the node is offline, let it run them with its
+    // results unable to leave, then restart it with the whole backlog.
+    rig.take_ship_offline();
+    let items: Vec<i64> = (0..n)
+        .map(|i| {
+            rig.central
+                .send_exec("ship1", "ordered", &["echo", &i.to_string()], None)
+        })
+        .collect();
+    assert_eq!(items.len(), n);
+    rig.proxy.set_mode(Mode::Pass);
+    wait_until(
+        "the node has every command",
+        Duration::from_secs(600),
+        || {
+            let s = rig.central.status();
+            s["outbox"].as_array().unwrap().is_empty()
+        },
+    );
+    rig.proxy.set_mode(Mode::Blackhole);
+    wait_until("the node ran everything", Duration::from_secs(600), || {
+        let s = rig.ship.status();
+        s["inbox"].as_array().unwrap().is_empty() && s["running"].as_array().unwrap().is_empty()
+    });
+    rig.ship.kill9();
+    rig.proxy.set_mode(Mode::Pass);
+    rig.proxy.cut();
+    rig.ship.kill9_and_restart();
+    let rss_start = rig.ship.peak_rss_kib();
+    let results = wait_for("every result at central", Duration::from_secs(600), || {
+        let r = rig.central.results(n as u32 + 10);
+        (r.len() >= n).then_some(r)
+    });
+    let peak = rig.ship.peak_rss_kib();
+    eprintln!("replay of {n} results: node peak RSS {peak} KiB (at start {rss_start} KiB)");
+    let arrival: Vec<i64> = results.iter().map(|r| r.1).collect();
+    let mut sorted = arrival.clone();
+    sorted.sort();
+    assert_eq!(arrival, sorted, "results arrived in order");
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!((r.2.as_str(), r.3.trim()), ("ok", i.to_string().as_str()));
+    }
+    assert!(
+        peak < rss_start + 32 * 1024,
+        "memory stays flat while replaying: {rss_start} -> {peak} KiB"
+    );
+}
