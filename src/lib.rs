@@ -12,6 +12,7 @@
 //!   and tokio.
 //! - [`control`]: the local unix-socket protocol used by the CLI.
 //! - [`agent`]: the event loop that wires node, link, exec and the control socket.
+//! - [`demo`]: `outpost demo`, the whole system on one machine.
 //! - [`config`]: the validated configuration (file, then flags).
 //! - [`cli`]: argh flag structs; no I/O.
 //! - [`log`]: levelled logging to stderr.
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod delivery;
+pub mod demo;
 pub mod exec;
 pub mod frame;
 pub mod link;

@@ -65,7 +65,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Demo(args) => outpost_demo(args.keep),
+        Cmd::Demo(args) => {
+            outpost::demo::run(args.keep)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -355,8 +358,4 @@ fn status(args: StatusArgs) -> Result<ExitCode, String> {
         println!("peer     {} {on}", p["name"].as_str().unwrap_or_default());
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn outpost_demo(_keep: bool) -> Result<ExitCode, String> {
-    Err("the demo is not built yet; see README.md".into())
 }

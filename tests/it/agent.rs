@@ -553,3 +553,28 @@ fn restart_with_ten_thousand_queued_results_replays_them_in_order_with_flat_memo
         "memory stays flat while replaying: {rss_start} -> {peak} KiB"
     );
 }
+
+#[test]
+fn demo_runs_the_whole_system_and_cleans_up() {
+    let out = Command::new(BIN)
+        .arg("demo")
+        .output()
+        .expect("run outpost demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in 1..=5 {
+        assert!(text.contains(&format!("node-b: step {i} on")), "{text}");
+    }
+    let b_lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("node-b: step"))
+        .collect();
+    assert!(
+        b_lines.windows(2).all(|w| w[0] < w[1]),
+        "node-b ran in order: {b_lines:?}"
+    );
+}
