@@ -2,7 +2,7 @@
 //!
 //! A unix socket `control.sock` in the state directory, mode 0600. One JSON object
 //! per line each way; every request gets exactly one reply line with `"ok"`. The
-//! protocol is documented in `docs/control.md`. Malformed or oversized requests get
+//! protocol is documented in the README ("Control socket protocol"). Malformed or oversized requests get
 //! an error reply and the server keeps serving.
 
 use std::io::{BufRead, BufReader, Write};
