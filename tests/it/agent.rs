@@ -578,3 +578,100 @@ fn demo_runs_the_whole_system_and_cleans_up() {
         "node-b ran in order: {b_lines:?}"
     );
 }
+
+#[test]
+fn http_get_fetches_from_the_nodes_network_with_status_headers_and_body() {
+    use std::io::{Read, Write};
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/status", server.local_addr().unwrap());
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = server.accept() {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Outpost-Test: yes\r\nConnection: close\r\n\r\nhello");
+        }
+    });
+    let rig = Rig::new();
+    let out = rig
+        .central
+        .cli(&["send", "--to", "ship1", "--json", "http-get", &url]);
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "ok");
+    assert_eq!(v["stdout"], "hello");
+    assert_eq!(v["http_status"], 200);
+    let job = rig.central.job(v["job"].as_i64().unwrap());
+    let headers = job["targets"][0]["result"]["http_headers"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(
+        headers
+            .iter()
+            .any(|h| h[0] == "x-outpost-test" && h[1] == "yes"),
+        "{headers:?}"
+    );
+}
+
+#[test]
+fn cli_errors_are_one_clear_line() {
+    let tmp = TempDir::new();
+    let out = Command::new(BIN)
+        .args(["send", "--to", "ship1", "exec", "--", "true"])
+        .env("OUTPOST_STATE_DIR", tmp.path().join("nowhere"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("no agent running for state directory"),
+        "{err}"
+    );
+
+    let out = Command::new(BIN)
+        .args(["send", "--bogus"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--bogus"));
+}
+
+#[test]
+fn config_check_prints_the_effective_config_and_names_bad_keys() {
+    let tmp = TempDir::new();
+    let good = tmp.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "name = \"ship1\"\nbroker = \"mqtt://10.0.0.1\"\nbackoff_cap = \"5m\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "check", "--json", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["name"], "ship1");
+    assert_eq!(v["broker"], "mqtt://10.0.0.1:1883");
+    assert_eq!(v["backoff_cap"], "5m");
+    assert_eq!(v["durability"], "full");
+
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"ship1\"\nbroker = \"mqtt://10.0.0.1\"\nquota = \"lots\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("quota:"),
+        "{out:?}"
+    );
+}
