@@ -72,6 +72,7 @@ fn main() {
 
     // Receive + ack: payloads of 64 frames, as a replay delivers them.
     for durability in [Durability::Full, Durability::Normal] {
+        let central_name = Name::new("central").unwrap();
         let (mut central, d1) = node("recv-src", "central", Durability::Normal);
         let (mut ship_node, d2) = node("recv-dst", "ship1", durability);
         let total = 20_000;
@@ -109,13 +110,13 @@ fn main() {
             })
             .unwrap();
             central
-                .on_payload(&frame::pack([ack.as_slice()]), now)
+                .on_payload(&ship, &frame::pack([ack.as_slice()]), now)
                 .unwrap();
         }
         let start = Instant::now();
         let mut n_acks = 0;
         for p in &payloads {
-            ship_node.on_payload(&p.bytes, now).unwrap();
+            ship_node.on_payload(&central_name, &p.bytes, now).unwrap();
             let (acks, _) = ship_node.poll_out(now + 1_000).unwrap();
             n_acks += acks.len();
         }

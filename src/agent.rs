@@ -22,7 +22,9 @@ use crate::exec;
 use crate::frame::{self, Body, CmdResult, Command, Exec, HttpGet, Lane, Name, Status};
 use crate::link::{Link, LinkConfig, LinkError, LinkEvent, Retained, TlsFiles};
 use crate::node::{Node, NodeConfig};
+use crate::seal::{self, DirectionKey, Header, Window};
 use crate::store::{Inbound, Job, Outgoing, StoreConfig, StoreError};
+use crate::trust::{self, Keys, Trust};
 use crate::{debug, error, info, warn};
 
 /// Default command timeout when the sender gives none.
@@ -54,6 +56,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
         },
         ..NodeConfig::default()
     };
+    let keys = load_or_create_keys(&cfg)?;
+    let _ = std::fs::write(cfg.state_dir.join("name"), format!("{}\n", cfg.name));
     let db = cfg.state_dir.join("store.db");
     let node = Node::open(&db, &cfg.name, node_cfg, now_ms())
         .map_err(|e| format!("{}: {e}", db.display()))?;
@@ -99,6 +103,13 @@ pub fn run(cfg: Config) -> Result<(), String> {
     );
 
     let mut agent = Agent {
+        keys,
+        trust: Trust::default(),
+        trust_stamp: None,
+        key_cache: BTreeMap::new(),
+        counters: BTreeMap::new(),
+        windows: BTreeMap::new(),
+        rejected: BTreeMap::new(),
         cfg,
         node,
         link,
@@ -109,6 +120,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         retry_at: None,
         running: BTreeMap::new(),
     };
+    agent.refresh_trust();
     agent.drive();
     loop {
         let msg = agent.next_msg(&rx);
@@ -120,6 +132,18 @@ pub fn run(cfg: Config) -> Result<(), String> {
 }
 
 struct Agent {
+    keys: Keys,
+    trust: Trust,
+    /// (modified time, length) of the trust file when last read.
+    trust_stamp: Option<(SystemTime, u64)>,
+    /// Derived keys per (peer, outgoing?); cleared when trust changes.
+    key_cache: BTreeMap<(Name, bool), DirectionKey>,
+    /// Reserved, unused payload counters per receiver.
+    counters: BTreeMap<Name, std::ops::Range<u64>>,
+    /// Replay windows per sender, loaded from the store on first use.
+    windows: BTreeMap<Name, Window>,
+    /// Payloads dropped, by reason: counted for `status`, logged once each.
+    rejected: BTreeMap<String, u64>,
     cfg: Config,
     node: Node,
     link: Link,
@@ -208,7 +232,15 @@ impl Agent {
 
     fn on_message(&mut self, topic: &str, payload: &[u8], now: u64) {
         if topic == self.cfg.inbox_topic(&self.cfg.name) {
-            match self.node.on_payload(payload, now) {
+            self.refresh_trust();
+            let (sender, counter, plain) = match self.open_payload(payload) {
+                Ok(v) => v,
+                Err((kind, detail)) => {
+                    self.reject(&kind, &detail);
+                    return;
+                }
+            };
+            match self.node.on_payload(&sender, &plain, now) {
                 Ok(report) => {
                     for why in &report.rejected {
                         warn!("rejected frame: {why}");
@@ -218,6 +250,17 @@ impl Agent {
                             "{} frames deferred (gap or quota); senders will resend",
                             report.deferred
                         );
+                    }
+                    // Only now is the payload's counter spent.
+                    let w = self.windows.entry(sender.clone()).or_default();
+                    w.mark(counter);
+                    let (highest, bits) = (w.highest, w.bits);
+                    if let Err(e) = self
+                        .node
+                        .store_mut()
+                        .set_seal_window(&sender, highest, bits)
+                    {
+                        error!("cannot record the replay window of {sender}: {e}");
                     }
                 }
                 Err(e) => error!("cannot store received payload: {e}"),
@@ -259,7 +302,17 @@ impl Agent {
                     if refused.contains(&p.to) {
                         continue;
                     }
-                    match self.link.publish(&self.cfg.inbox_topic(&p.to), p.bytes) {
+                    let sealed = match self.seal_for(&p.to, &p.bytes) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            self.reject(&format!("cannot seal for {}", p.to), &e);
+                            // Keep it in the outbox; try again after a slow probe interval.
+                            self.node.on_presence(p.to.clone(), false, now);
+                            refused.push(p.to.clone());
+                            continue;
+                        }
+                    };
+                    match self.link.publish(&self.cfg.inbox_topic(&p.to), sealed) {
                         Ok(()) => {}
                         Err(e) => {
                             if matches!(e, LinkError::Busy) {
@@ -272,7 +325,9 @@ impl Agent {
                     }
                 }
                 for peer in refused {
-                    self.node.unsent(&peer, now);
+                    if self.trust.peers.contains_key(&peer) {
+                        self.node.unsent(&peer, now);
+                    }
                 }
             }
             Err(e) => error!("cannot read the outbox: {e}"),
@@ -342,6 +397,13 @@ impl Agent {
                 "the command's ttl passed before it could start",
                 now,
             );
+            self.node.finish(&inbound, r, now)?;
+            return Ok(());
+        }
+        self.refresh_trust();
+        if let Err(reason) = self.trust.authorise(&env.from, &cmd) {
+            warn!("rejected {} from {}: {reason}", cmd.method(), env.from);
+            let r = CmdResult::without_run(seq, Status::Rejected, reason, now);
             self.node.finish(&inbound, r, now)?;
             return Ok(());
         }
@@ -538,8 +600,140 @@ impl Agent {
                 "peer": p.as_str(), "lane": l.as_str(), "seq": s, "method": m, "for_s": now.saturating_sub(*t) / 1000
             })).collect::<Vec<_>>(),
             "peers": peers.iter().map(|(n, online, since)| json!({ "name": n.as_str(), "online": online, "since_ms": since })).collect::<Vec<_>>(),
+            "security": {
+                "public_key": seal::to_hex(self.keys.public.as_bytes()),
+                "trusted": self.trust.peers.values().map(|p| json!({ "name": p.name.as_str(), "allow": p.allow })).collect::<Vec<_>>(),
+                "rejected": self.rejected,
+            },
         }))
     }
+}
+
+impl Agent {
+    /// Re-reads the trust file when it changed; a broken file keeps the old trust.
+    fn refresh_trust(&mut self) {
+        let path = trust::trust_path(&self.cfg.state_dir);
+        let stamp = std::fs::metadata(&path)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())));
+        if stamp == self.trust_stamp {
+            return;
+        }
+        self.trust_stamp = stamp;
+        match trust::read(&self.cfg.state_dir) {
+            Ok(t) => {
+                let names: Vec<&str> = t.peers.keys().map(Name::as_str).collect();
+                info!("trust: {} peer(s): {}", names.len(), names.join(", "));
+                self.trust = t;
+                self.key_cache.clear();
+                // Peers that could not be sealed for may be sealable now.
+                let now = now_ms();
+                for peer in self.trust.peers.keys() {
+                    self.node.on_presence(peer.clone(), true, now);
+                }
+            }
+            Err(e) => error!("{e} (keeping the previous trust)"),
+        }
+    }
+
+    fn direction_key(&mut self, peer: &Name, outgoing: bool) -> Result<&DirectionKey, String> {
+        let k = (peer.clone(), outgoing);
+        if !self.key_cache.contains_key(&k) {
+            let p = self
+                .trust
+                .peers
+                .get(peer)
+                .ok_or_else(|| format!("{peer} is not in the trust file"))?;
+            let theirs = x25519_dalek::PublicKey::from(p.public);
+            let (me, ours) = (&self.cfg.name, self.keys.public);
+            let key = if outgoing {
+                seal::derive(&self.keys.secret, &theirs, me, peer, &ours, &theirs)
+            } else {
+                seal::derive(&self.keys.secret, &theirs, peer, me, &theirs, &ours)
+            }
+            .map_err(|e| e.to_string())?;
+            self.key_cache.insert(k.clone(), key);
+        }
+        Ok(&self.key_cache[&k])
+    }
+
+    /// Seals packed frames for `peer` with the next reserved counter.
+    fn seal_for(&mut self, peer: &Name, plain: &[u8]) -> Result<Vec<u8>, String> {
+        self.direction_key(peer, true)?;
+        let range = self.counters.entry(peer.clone()).or_insert(0..0);
+        if range.is_empty() {
+            *range = self
+                .node
+                .store_mut()
+                .reserve_counters(peer, 1024)
+                .map_err(|e| e.to_string())?;
+        }
+        let counter = range.start;
+        range.start += 1;
+        let header = Header {
+            sender: self.cfg.name.clone(),
+            receiver: peer.clone(),
+            counter,
+        };
+        Ok(seal::seal(
+            &self.key_cache[&(peer.clone(), true)],
+            &header,
+            plain,
+        ))
+    }
+
+    /// Checks and opens a payload: (sender, counter, packed frames), or (kind, detail).
+    fn open_payload(&mut self, payload: &[u8]) -> Result<(Name, u64, Vec<u8>), (String, String)> {
+        let (header, len) =
+            Header::parse(payload).map_err(|e| ("unsealed".to_string(), e.to_string()))?;
+        let from = header.sender.clone();
+        if header.receiver != self.cfg.name {
+            return Err((
+                format!("misaddressed from {from}"),
+                format!("payload for {}", header.receiver),
+            ));
+        }
+        let key = self
+            .direction_key(&from, false)
+            .map_err(|e| (format!("untrusted sender {from}"), e))?;
+        let plain = seal::open(key, payload, &header, len)
+            .map_err(|e| (format!("bad seal from {from}"), e.to_string()))?;
+        if !self.windows.contains_key(&from) {
+            let (highest, bits) = self
+                .node
+                .store()
+                .seal_window(&from)
+                .map_err(|e| ("store".to_string(), e.to_string()))?;
+            self.windows.insert(from.clone(), Window { highest, bits });
+        }
+        if !self.windows[&from].fresh(header.counter) {
+            let detail = format!("payload counter {} already seen", header.counter);
+            return Err((format!("replay from {from}"), detail));
+        }
+        Ok((from, header.counter, plain))
+    }
+
+    /// Counts a dropped payload; logs the first of each kind.
+    fn reject(&mut self, kind: &str, detail: &str) {
+        let n = self.rejected.entry(kind.to_string()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            warn!(
+                "dropped payload: {kind}: {detail} (further ones are counted in `outpost status`)"
+            );
+        }
+    }
+}
+
+fn load_or_create_keys(cfg: &Config) -> Result<Keys, String> {
+    if !trust::key_path(&cfg.state_dir).exists() {
+        let public = trust::generate(&cfg.state_dir, false)?;
+        info!(
+            "generated this node's key pair; public key {}",
+            seal::to_hex(public.as_bytes())
+        );
+    }
+    trust::load(&cfg.state_dir)
 }
 
 fn n_results(job: &Job) -> usize {

@@ -21,6 +21,7 @@ pub enum Cmd {
     Jobs(JobsArgs),
     Status(StatusArgs),
     Config(ConfigArgs),
+    Keys(KeysArgs),
     Version(VersionArgs),
     Demo(DemoArgs),
 }
@@ -253,4 +254,65 @@ pub struct DemoArgs {
     /// keep the demo's directory afterwards
     #[argh(switch)]
     pub keep: bool,
+}
+
+/// this node's key pair and the peers it trusts
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "keys")]
+pub struct KeysArgs {
+    #[argh(subcommand)]
+    pub cmd: KeysCmd,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum KeysCmd {
+    Gen(KeysGen),
+    Show(KeysShow),
+    Trust(KeysTrust),
+}
+
+/// write a new key pair into the state directory (private key mode 0600)
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "gen")]
+pub struct KeysGen {
+    /// the state directory (else OUTPOST_STATE_DIR, else the configured default)
+    #[argh(option)]
+    pub state_dir: Option<PathBuf>,
+    /// this node's name, recorded for `keys show`
+    #[argh(option)]
+    pub name: Option<String>,
+    /// replace an existing key pair
+    #[argh(switch)]
+    pub force: bool,
+}
+
+/// print `NAME PUBLIC-KEY`, to paste into another node's trust
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "show")]
+pub struct KeysShow {
+    /// the state directory
+    #[argh(option)]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// trust a peer: outpost keys trust NAME PUBLIC-KEY --allow exec,ping
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "trust")]
+pub struct KeysTrust {
+    /// the state directory
+    #[argh(option)]
+    pub state_dir: Option<PathBuf>,
+    /// methods the peer may use here: exec, ping, http-get, files (empty: none)
+    #[argh(option, default = "String::new()")]
+    pub allow: String,
+    /// limit exec to these program paths, comma-separated
+    #[argh(option)]
+    pub exec_path: Option<String>,
+    /// the peer's name
+    #[argh(positional)]
+    pub name: String,
+    /// the peer's public key (64 hex digits)
+    #[argh(positional)]
+    pub public_key: String,
 }

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::control::{Client, CommandSpec, Request};
+use crate::frame::Name;
+use crate::trust;
 
 /// Children killed when the demo ends, however it ends.
 struct Procs(Vec<Child>);
@@ -82,6 +84,7 @@ fn run_in(dir: &Path, mosquitto: &Path) -> Result<(), String> {
     let link = FlakyLink::start(port)?;
     let broker = format!("mqtt://127.0.0.1:{port}");
     let flaky = format!("mqtt://127.0.0.1:{}", link.port);
+    introduce(dir)?;
     for (name, url) in [
         ("central", &broker),
         ("node-a", &broker),
@@ -181,6 +184,33 @@ fn run_in(dir: &Path, mosquitto: &Path) -> Result<(), String> {
         "5. every command ran exactly once, in order, and every result came back; cleaning up"
     );
     drop(procs);
+    Ok(())
+}
+
+/// Key pairs for everyone; the nodes let central run exec, central takes their results.
+fn introduce(dir: &Path) -> Result<(), String> {
+    let mut public = Vec::new();
+    for name in ["central", "node-a", "node-b"] {
+        public.push(*trust::generate(&dir.join(name), true)?.as_bytes());
+    }
+    let name = |s: &str| Name::new(s).expect("valid name");
+    for (i, node) in ["node-a", "node-b"].into_iter().enumerate() {
+        let allow = vec!["exec".to_string()];
+        let central = trust::Peer {
+            name: name("central"),
+            public: public[0],
+            allow,
+            exec_paths: vec![],
+        };
+        trust::upsert(&dir.join(node), central)?;
+        let peer = trust::Peer {
+            name: name(node),
+            public: public[i + 1],
+            allow: vec![],
+            exec_paths: vec![],
+        };
+        trust::upsert(&dir.join("central"), peer)?;
+    }
     Ok(())
 }
 

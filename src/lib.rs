@@ -10,6 +10,9 @@
 //! - [`exec`]: running processes: timeouts, process groups, output caps.
 //! - [`link`]: the MQTT connection to the broker; the only module that knows rumqttc
 //!   and tokio.
+//! - [`seal`]: sealed payloads (X25519, HKDF, ChaCha20-Poly1305) and the replay
+//!   window; pure.
+//! - [`trust`]: key files, the trust file and per-sender authorisation.
 //! - [`control`]: the local unix-socket protocol used by the CLI.
 //! - [`agent`]: the event loop that wires node, link, exec and the control socket.
 //! - [`demo`]: `outpost demo`, the whole system on one machine.
@@ -29,4 +32,6 @@ pub mod exec;
 pub mod frame;
 pub mod link;
 pub mod node;
+pub mod seal;
 pub mod store;
+pub mod trust;

@@ -8,7 +8,9 @@ use std::time::Duration;
 use serde_json::Value;
 
 use outpost::agent::{self, target_result_json};
-use outpost::cli::{Cli, Cmd, ConfigCmd, JobsArgs, Method, SendArgs, StatusArgs};
+use outpost::cli::{
+    Cli, Cmd, ConfigCmd, JobsArgs, KeysArgs, KeysCmd, Method, SendArgs, StatusArgs,
+};
 use outpost::config::{self, Config, FileConfig};
 use outpost::control::{Client, CommandSpec, Request};
 
@@ -57,6 +59,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+        Cmd::Keys(k) => keys(k),
         Cmd::Version(_) => {
             println!(
                 "outpost {} ({})",
@@ -358,4 +361,82 @@ fn status(args: StatusArgs) -> Result<ExitCode, String> {
         println!("peer     {} {on}", p["name"].as_str().unwrap_or_default());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn keys(args: KeysArgs) -> Result<ExitCode, String> {
+    use outpost::frame::Name;
+    use outpost::seal::{from_hex32, to_hex};
+    use outpost::trust;
+    match args.cmd {
+        KeysCmd::Gen(g) => {
+            let dir = state_dir(g.state_dir);
+            if let Some(name) = &g.name {
+                Name::new(name).map_err(|e| e.to_string())?;
+            }
+            let public = trust::generate(&dir, g.force)?;
+            if let Some(name) = &g.name {
+                std::fs::write(dir.join("name"), format!("{name}\n")).map_err(|e| e.to_string())?;
+            }
+            println!(
+                "{} {}",
+                node_name(&dir).unwrap_or_else(|| "NAME".into()),
+                to_hex(public.as_bytes())
+            );
+        }
+        KeysCmd::Show(sh) => {
+            let dir = state_dir(sh.state_dir);
+            let keys = trust::load(&dir)?;
+            let name = node_name(&dir).ok_or_else(|| {
+                format!("the node's name is not known in {} yet: run the agent once, or `keys gen --name NAME`", dir.display())
+            })?;
+            println!("{name} {}", to_hex(keys.public.as_bytes()));
+        }
+        KeysCmd::Trust(t) => {
+            let dir = state_dir(t.state_dir);
+            let name = Name::new(&t.name).map_err(|e| e.to_string())?;
+            let public = from_hex32(&t.public_key)
+                .ok_or("the public key must be 64 hex digits (from `outpost keys show`)")?;
+            let split = |s: &str| {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|m| !m.is_empty())
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            };
+            let allow = split(&t.allow);
+            if let Some(bad) = allow.iter().find(|m| !trust::METHODS.contains(&m.as_str())) {
+                return Err(format!(
+                    "--allow: unknown method {bad:?} (known: {})",
+                    trust::METHODS.join(", ")
+                ));
+            }
+            let exec_paths = t.exec_path.as_deref().map(split).unwrap_or_default();
+            trust::upsert(
+                &dir,
+                trust::Peer {
+                    name: name.clone(),
+                    public,
+                    allow: allow.clone(),
+                    exec_paths,
+                },
+            )?;
+            println!(
+                "trusting {name} for {}",
+                if allow.is_empty() {
+                    "results only".into()
+                } else {
+                    allow.join(", ")
+                }
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The node's name as the agent or `keys gen --name` recorded it.
+fn node_name(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join("name"))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
 }

@@ -129,7 +129,13 @@ impl Node {
     /// frames stored in one transaction; bad frames are quarantined and reported. An
     /// `Err` means the store failed (e.g. disk full) and nothing of the payload that
     /// is not acknowledged was kept: the senders will resend.
-    pub fn on_payload(&mut self, payload: &[u8], now_ms: u64) -> Result<Report, StoreError> {
+    /// `sender` is who sealed the payload: a frame claiming another origin is rejected.
+    pub fn on_payload(
+        &mut self,
+        sender: &Name,
+        payload: &[u8],
+        now_ms: u64,
+    ) -> Result<Report, StoreError> {
         let mut report = Report::default();
         let mut batch: Vec<(Envelope, &[u8])> = Vec::new();
         for item in frame::unpack(payload) {
@@ -151,6 +157,15 @@ impl Node {
                     continue;
                 }
             };
+            if &env.from != sender {
+                let why = format!(
+                    "frame claiming to be from {} in a payload sealed by {sender}",
+                    env.from
+                );
+                self.store.quarantine_received(bytes, &why, now_ms)?;
+                report.rejected.push(why);
+                continue;
+            }
             if &env.to != self.me() || &env.from == self.me() {
                 let why = format!("frame from {} addressed to {}", env.from, env.to);
                 self.store.quarantine_received(bytes, &why, now_ms)?;

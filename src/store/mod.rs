@@ -931,6 +931,58 @@ impl Store {
         Ok(())
     }
 
+    /// Reserves `n` payload counters for sealing to `peer`, durably, before any is
+    /// used: a crash can skip counters but never reuse one. Returns `start..end`.
+    pub fn reserve_counters(
+        &mut self,
+        peer: &Name,
+        n: u64,
+    ) -> Result<std::ops::Range<u64>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let start: i64 = tx
+            .query_row(
+                "SELECT reserved FROM seal_out WHERE peer = ?1",
+                [peer.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(1);
+        let end = start + n as i64;
+        tx.execute(
+            "INSERT INTO seal_out (peer, reserved) VALUES (?1, ?2) ON CONFLICT (peer) DO UPDATE SET reserved = ?2",
+            params![peer.as_str(), end],
+        )?;
+        tx.commit()?;
+        Ok(start as u64..end as u64)
+    }
+
+    /// The replay window of payloads from `peer`: (highest, bits).
+    pub fn seal_window(&self, peer: &Name) -> Result<(u64, u64), StoreError> {
+        let w: Option<(i64, i64)> = self
+            .conn
+            .query_row(
+                "SELECT highest, bits FROM seal_in WHERE peer = ?1",
+                [peer.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(w.map(|(h, b)| (h as u64, b as u64)).unwrap_or((0, 0)))
+    }
+
+    pub fn set_seal_window(
+        &mut self,
+        peer: &Name,
+        highest: u64,
+        bits: u64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO seal_in (peer, highest, bits) VALUES (?1, ?2, ?3)
+             ON CONFLICT (peer) DO UPDATE SET highest = ?2, bits = ?3",
+            params![peer.as_str(), highest as i64, bits as i64],
+        )?;
+        Ok(())
+    }
+
     /// Test hook: the raw connection, to corrupt bytes on purpose.
     #[doc(hidden)]
     pub fn raw(&self) -> &Connection {

@@ -88,6 +88,19 @@ const MIGRATIONS: &[&str] = &[
         since_ms INTEGER NOT NULL
     );
     ",
+    // 2 -> 3: sealing state. Counters below `reserved` may have been used as nonces;
+    // `highest`/`bits` is the replay window of what a peer sent.
+    "
+    CREATE TABLE seal_out (
+        peer TEXT PRIMARY KEY,
+        reserved INTEGER NOT NULL
+    );
+    CREATE TABLE seal_in (
+        peer TEXT PRIMARY KEY,
+        highest INTEGER NOT NULL,
+        bits INTEGER NOT NULL
+    );
+    ",
 ];
 
 /// Brings the database to the newest version, one transaction per step.

@@ -168,6 +168,47 @@ impl Agent {
     }
 }
 
+/// Runs the CLI with no agent behind it (keys, config).
+pub fn outpost(args: &[&str]) -> Output {
+    let out = Command::new(BIN).args(args).output().expect("run outpost");
+    assert!(out.status.success(), "outpost {args:?}: {out:?}");
+    out
+}
+
+/// Gives `operator` and `node` key pairs and makes each trust the other: the node
+/// lets the operator use `allow`, the operator accepts the node's results.
+pub fn introduce(base: &Path, operator: &str, node: &str, allow: &str) {
+    let mut lines = Vec::new();
+    for name in [operator, node] {
+        let dir = base.join(name);
+        let dir = dir.to_str().unwrap();
+        let out = outpost(&["keys", "gen", "--state-dir", dir, "--name", name]);
+        lines.push(String::from_utf8(out.stdout).unwrap());
+    }
+    let key = |line: &str| line.split_whitespace().nth(1).unwrap().to_string();
+    let (op_key, node_key) = (key(&lines[0]), key(&lines[1]));
+    let node_dir = base.join(node);
+    let op_dir = base.join(operator);
+    outpost(&[
+        "keys",
+        "trust",
+        "--state-dir",
+        node_dir.to_str().unwrap(),
+        operator,
+        &op_key,
+        "--allow",
+        allow,
+    ]);
+    outpost(&[
+        "keys",
+        "trust",
+        "--state-dir",
+        op_dir.to_str().unwrap(),
+        node,
+        &node_key,
+    ]);
+}
+
 /// A broker, a `central` agent on it directly and a `ship1` agent behind a proxy.
 struct Rig {
     _tmp: TempDir,
@@ -184,6 +225,7 @@ impl Rig {
 
     fn with(extra: &[&str]) -> Rig {
         let tmp = TempDir::new();
+        introduce(tmp.path(), "central", "ship1", "exec,ping,http-get");
         let broker = Broker::start();
         let proxy = Proxy::start(broker.addr());
         let central = Agent::start_with("central", &broker.url(), tmp.path(), extra);

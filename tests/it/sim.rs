@@ -37,6 +37,7 @@ impl Rng {
 }
 
 struct Msg {
+    from: usize,
     to: usize,
     at: u64,
     bytes: Vec<u8>,
@@ -220,7 +221,7 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
         }
 
         // Send what each connected node wants to send, through a lossy network.
-        for n in nodes.iter_mut() {
+        for (i, n) in nodes.iter_mut().enumerate() {
             if !n.link_up {
                 continue;
             }
@@ -238,6 +239,7 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
                 for _ in 0..copies {
                     let delay = 1 + rng.below(if faults { 120 } else { 20 });
                     net.push(Msg {
+                        from: i,
                         to,
                         at: now + delay,
                         bytes: p.bytes.clone(),
@@ -266,7 +268,7 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
                 .node
                 .as_mut()
                 .unwrap()
-                .on_payload(&m.bytes, now)
+                .on_payload(&Name::new(names[m.from]).unwrap(), &m.bytes, now)
                 .map_err(|e| e.to_string())?;
             if !report.rejected.is_empty() {
                 return Err(format!("{} rejected frames: {:?}", n.name, report.rejected));
