@@ -3,6 +3,8 @@
 //! through the helpers in `support` everywhere else.
 
 mod agent;
+mod security;
 mod sim;
 mod support;
 mod support_selftest;
+mod tls;

@@ -1,0 +1,1 @@
+//! Agents through a mosquitto TLS listener (mutual TLS).
