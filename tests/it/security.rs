@@ -21,11 +21,14 @@ use crate::support::{find_program, wait_for, wait_until, KillOnDrop, TempDir};
 
 const LONG: Duration = Duration::from_secs(120);
 
+/// (topic, payload) pairs seen by a capture.
+type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// Every message published on `topic`, as (topic, payload bytes), from a subscriber
 /// started before anything is sent.
 struct Capture {
     _proc: KillOnDrop,
-    seen: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    seen: Seen,
 }
 
 impl Capture {
@@ -51,7 +54,7 @@ impl Capture {
             .spawn()
             .unwrap();
         let out = child.stdout.take().unwrap();
-        let seen: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+        let seen: Seen = Arc::default();
         let sink = seen.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
