@@ -468,3 +468,67 @@ fn agent_refuses_a_private_key_others_can_read() {
         .unwrap();
     assert!(!show.status.success());
 }
+
+#[test]
+fn control_socket_answers_garbage_with_errors_and_keeps_serving() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let tmp = TempDir::new();
+    let broker = Broker::start();
+    let agent = Agent::start_with("n1", &broker.url(), tmp.path(), &[]);
+    let sock = agent.dir.join("control.sock");
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(&agent.dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(LONG)).unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut ask = |line: &[u8]| -> Value {
+        s.write_all(line).unwrap();
+        let mut reply = String::new();
+        reader.read_line(&mut reply).unwrap();
+        serde_json::from_str(&reply).unwrap()
+    };
+    for junk in [
+        &b"not json\n"[..],
+        b"{\"op\":\"nope\"}\n",
+        b"\xff\xfe\n",
+        b"{\"op\":\"job\",\"id\":\"x\"}\n",
+    ] {
+        let r = ask(junk);
+        assert_eq!(r["ok"], false, "{r}");
+        assert!(
+            r["error"].as_str().unwrap().starts_with("bad request"),
+            "{r}"
+        );
+    }
+    assert_eq!(
+        ask(b"{\"op\":\"status\"}\n")["ok"],
+        true,
+        "the same connection still serves"
+    );
+
+    // An oversized line: an error, then the agent hangs up that connection only.
+    let mut big = UnixStream::connect(&sock).unwrap();
+    big.set_read_timeout(Some(LONG)).unwrap();
+    let line = vec![b'x'; 2 * 1024 * 1024];
+    let writer = std::thread::spawn(move || {
+        let _ = big.write_all(&line);
+        big
+    });
+    let mut big = writer.join().unwrap();
+    let mut reply = String::new();
+    let _ = big.read_to_string(&mut reply);
+    assert!(reply.contains("exceeds"), "{reply}");
+    assert_eq!(
+        agent.status()["ok"],
+        true,
+        "new connections are still served"
+    );
+}
