@@ -27,6 +27,9 @@ use crate::store::{Inbound, Job, Outgoing, StoreConfig, StoreError};
 use crate::trust::{self, Keys, Trust};
 use crate::{debug, error, info, warn};
 
+#[path = "agent_files.rs"]
+mod agent_files;
+
 /// Default command timeout when the sender gives none.
 pub const DEFAULT_TIMEOUT_MS: u32 = 60_000;
 /// Largest MQTT packet: a full payload plus headroom.
@@ -110,6 +113,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         counters: BTreeMap::new(),
         windows: BTreeMap::new(),
         rejected: BTreeMap::new(),
+        files_active: false,
         cfg,
         node,
         link,
@@ -144,6 +148,8 @@ struct Agent {
     windows: BTreeMap<Name, Window>,
     /// Payloads dropped, by reason: counted for `status`, logged once each.
     rejected: BTreeMap<String, u64>,
+    /// Transfers in progress or files with an expiry: wake up to sweep them.
+    files_active: bool,
     cfg: Config,
     node: Node,
     link: Link,
@@ -168,6 +174,11 @@ impl Agent {
             .map(|t| Duration::from_millis(t.saturating_sub(now)));
         if let Some(at) = self.retry_at {
             let d = at.saturating_duration_since(Instant::now());
+            wake = Some(wake.map_or(d, |w| w.min(d)));
+        }
+        if self.files_active {
+            // Transfers and expiring files are swept by the clock, not by events.
+            let d = Duration::from_secs(2);
             wake = Some(wake.map_or(d, |w| w.min(d)));
         }
         smol::block_on(async {
@@ -292,6 +303,12 @@ impl Agent {
     fn drive(&mut self) {
         let now = now_ms();
         self.retry_at = None;
+        if let Err(e) = self.run_ready(now) {
+            error!("cannot take runnable work: {e}");
+        }
+        if let Err(e) = self.pump_files(now) {
+            error!("cannot queue file chunks: {e}");
+        }
         match self.node.poll_out(now) {
             Ok((payloads, corrupt)) => {
                 for c in corrupt {
@@ -331,9 +348,6 @@ impl Agent {
                 }
             }
             Err(e) => error!("cannot read the outbox: {e}"),
-        }
-        if let Err(e) = self.run_ready(now) {
-            error!("cannot take runnable work: {e}");
         }
         self.answer_waiters();
     }
@@ -376,6 +390,13 @@ impl Agent {
                         );
                         error!("{text}");
                         self.node.record_event(&inbound, &text, now)?;
+                        consumed = true;
+                    }
+                    Body::FileOffer(_)
+                    | Body::FileChunk { .. }
+                    | Body::FileStatus { .. }
+                    | Body::FileRequest { .. } => {
+                        self.on_file_frame(&inbound, now)?;
                         consumed = true;
                     }
                     Body::Ack { .. } => {}
@@ -464,6 +485,11 @@ impl Agent {
                 Err(e) => Err(e.to_string()),
             },
             Request::Status => self.status(now),
+            req @ (Request::FilesPut { .. }
+            | Request::FilesGet { .. }
+            | Request::FilesList
+            | Request::Transfer { .. }
+            | Request::FilesRm { .. }) => self.files_request(req, now),
         };
         Some(v.unwrap_or_else(control::error_reply))
     }

@@ -15,6 +15,8 @@ pub struct Cli {
 
 #[derive(FromArgs, Debug)]
 #[argh(subcommand)]
+// Parsed once per process; boxing the agent's flags would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Cmd {
     Agent(AgentArgs),
     Send(SendArgs),
@@ -22,6 +24,7 @@ pub enum Cmd {
     Status(StatusArgs),
     Config(ConfigArgs),
     Keys(KeysArgs),
+    Files(FilesArgs),
     Version(VersionArgs),
     Demo(DemoArgs),
 }
@@ -78,6 +81,15 @@ pub struct AgentArgs {
     /// client private key (PEM) for mutual TLS
     #[argh(option)]
     pub client_key: Option<PathBuf>,
+    /// where received files land (default STATE_DIR/files)
+    #[argh(option)]
+    pub files_dir: Option<PathBuf>,
+    /// a directory peers may fetch files from (repeatable)
+    #[argh(option)]
+    pub share_dir: Vec<PathBuf>,
+    /// file chunk size (default 16KiB; smaller suits slow links)
+    #[argh(option)]
+    pub chunk_size: Option<String>,
 }
 
 impl AgentArgs {
@@ -99,6 +111,9 @@ impl AgentArgs {
             ca_file: self.ca_file.clone(),
             client_cert: self.client_cert.clone(),
             client_key: self.client_key.clone(),
+            files_dir: self.files_dir.clone(),
+            share_dirs: (!self.share_dir.is_empty()).then(|| self.share_dir.clone()),
+            chunk_size: self.chunk_size.clone(),
         }
     }
 }
@@ -315,4 +330,81 @@ pub struct KeysTrust {
     /// the peer's public key (64 hex digits)
     #[argh(positional)]
     pub public_key: String,
+}
+
+/// send, fetch and list files
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "files")]
+pub struct FilesArgs {
+    /// the local agent's state directory
+    #[argh(option)]
+    pub state_dir: Option<PathBuf>,
+    #[argh(subcommand)]
+    pub cmd: FilesCmd,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum FilesCmd {
+    Put(FilesPut),
+    Get(FilesGet),
+    List(FilesList),
+    Rm(FilesRm),
+}
+
+/// send a file to nodes; resumes across link drops and restarts
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "put")]
+pub struct FilesPut {
+    /// target nodes: comma-separated names and glob patterns
+    #[argh(option)]
+    pub to: String,
+    /// the id it is stored under (default: the file name)
+    #[argh(option)]
+    pub id: Option<String>,
+    /// drop the transfer and the file after this long, e.g. 7d
+    #[argh(option)]
+    pub ttl: Option<String>,
+    /// print the transfer ids and return at once
+    #[argh(switch, long = "async")]
+    pub no_wait: bool,
+    /// JSON output
+    #[argh(switch)]
+    pub json: bool,
+    /// the file to send
+    #[argh(positional)]
+    pub src: PathBuf,
+}
+
+/// fetch a file a node shares
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "get")]
+pub struct FilesGet {
+    /// the node to fetch from
+    #[argh(option)]
+    pub from: String,
+    /// where to write it (default: only keep it in the files directory)
+    #[argh(option, short = 'o')]
+    pub output: Option<PathBuf>,
+    /// a path in one of the node's share directories
+    #[argh(positional)]
+    pub path: String,
+}
+
+/// files held and transfers in progress
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "list")]
+pub struct FilesList {
+    /// JSON output
+    #[argh(switch)]
+    pub json: bool,
+}
+
+/// delete a received file: outpost files rm ID (or SOURCE/ID)
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "rm")]
+pub struct FilesRm {
+    /// the file id
+    #[argh(positional)]
+    pub id: String,
 }

@@ -34,6 +34,9 @@ pub struct FileConfig {
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    pub files_dir: Option<PathBuf>,
+    pub share_dirs: Option<Vec<PathBuf>>,
+    pub chunk_size: Option<String>,
 }
 
 impl FileConfig {
@@ -69,7 +72,10 @@ impl FileConfig {
             password,
             ca_file,
             client_cert,
-            client_key
+            client_key,
+            files_dir,
+            share_dirs,
+            chunk_size
         );
         self
     }
@@ -121,6 +127,11 @@ pub struct Config {
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    /// Received files land under `files_dir/SOURCE/`.
+    pub files_dir: PathBuf,
+    /// Directories whose files peers may fetch with `files get`.
+    pub share_dirs: Vec<PathBuf>,
+    pub chunk_size: u32,
 }
 
 fn display<S: serde::Serializer>(v: &BrokerUrl, s: S) -> Result<S::Ok, S::Error> {
@@ -172,10 +183,19 @@ impl Config {
         if raw.client_cert.is_some() != raw.client_key.is_some() {
             return Err("client_cert and client_key go together".into());
         }
+        let chunk_size =
+            opt(raw.chunk_size.as_deref(), "chunk_size", parse_size)?.unwrap_or(16 * 1024);
+        if !(1024..=512 * 1024).contains(&chunk_size) {
+            return Err("chunk_size: between 1KiB and 512KiB".into());
+        }
+        let state_dir: PathBuf = raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
         Ok(Config {
+            files_dir: raw.files_dir.unwrap_or_else(|| state_dir.join("files")),
+            share_dirs: raw.share_dirs.unwrap_or_default(),
+            chunk_size: chunk_size as u32,
             name,
             broker,
-            state_dir: raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            state_dir,
             prefix,
             keepalive,
             backoff_cap,

@@ -50,6 +50,30 @@ pub enum Request {
         timeout_ms: u64,
     },
     Status,
+    /// Offer a file to every node `to` names.
+    FilesPut {
+        to: String,
+        path: String,
+        #[serde(default)]
+        id: Option<String>,
+        #[serde(default)]
+        ttl_s: Option<u64>,
+    },
+    /// Ask `from` to send one of its shared files.
+    FilesGet {
+        from: String,
+        path: String,
+    },
+    /// Transfers and files held.
+    FilesList,
+    /// One transfer.
+    Transfer {
+        id: i64,
+    },
+    /// Delete received files with this id (`SOURCE/ID` for one source).
+    FilesRm {
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

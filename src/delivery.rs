@@ -14,6 +14,9 @@ use crate::frame::{Lane, LaneClass, Name};
 pub struct DeliveryConfig {
     /// Frames of one stream in flight (sent, not acknowledged) at most.
     pub window: u64,
+    /// The same for bulk lanes, whose frames are file chunks: small, so that a
+    /// link cut resends little and memory stays flat.
+    pub bulk_window: u64,
     /// Acknowledge after this many frames received on a stream...
     pub ack_every: u32,
     /// ...or this long after the first unacknowledged one, whichever comes first.
@@ -22,16 +25,21 @@ pub struct DeliveryConfig {
     /// every resend up to `rto_max_ms`.
     pub rto_min_ms: u64,
     pub rto_max_ms: u64,
+    /// When an offline peer returns, frames that were in flight get this long to be
+    /// acknowledged (its broker session usually redelivers them) before we resend.
+    pub online_grace_ms: u64,
 }
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
         DeliveryConfig {
             window: 256,
+            bulk_window: 4,
             ack_every: 64,
             ack_delay_ms: 50,
             rto_min_ms: 10_000,
             rto_max_ms: 600_000,
+            online_grace_ms: 3_000,
         }
     }
 }
@@ -46,6 +54,10 @@ pub enum Event {
     Presence {
         peer: Name,
         online: bool,
+    },
+    /// Publishing to this peer failed: what was handed out was not sent.
+    Unsent {
+        peer: Name,
     },
     /// Frames `first_seq..=last_seq` are in the outbox (after an enqueue, or from
     /// the store after a restart with `first_seq` one past the acknowledged).
@@ -148,7 +160,14 @@ impl Delivery {
                 }
             }
             Event::Disconnected => self.connected = false,
-            Event::Presence { peer, online: true } => self.heard_from(&peer),
+            Event::Presence { peer, online: true } => self.heard_from(&peer, now_ms),
+            Event::Unsent { peer } => {
+                for ((p, _), s) in self.out.iter_mut() {
+                    if *p == peer {
+                        rewind(s, self.cfg.rto_min_ms);
+                    }
+                }
+            }
             Event::Presence {
                 peer,
                 online: false,
@@ -172,7 +191,7 @@ impl Delivery {
                 s.last = s.last.max(last_seq);
             }
             Event::Acked { peer, lane, upto } => {
-                self.heard_from(&peer);
+                self.heard_from(&peer, now_ms);
                 let key = (peer, lane);
                 let Some(s) = self.out.get_mut(&key) else {
                     return;
@@ -195,7 +214,8 @@ impl Delivery {
                 watermark,
                 duplicate,
             } => {
-                self.heard_from(&peer);
+                self.heard_from(&peer, now_ms);
+                let lane_class = lane.class();
                 let a = self.acks.entry((peer, lane)).or_insert(PendingAck {
                     upto: 0,
                     n: 0,
@@ -207,7 +227,8 @@ impl Delivery {
                 }
                 a.upto = a.upto.max(watermark);
                 a.n += 1;
-                a.now |= duplicate;
+                // Bulk senders keep only a few frames in flight: ack them promptly.
+                a.now |= duplicate || (lane_class == LaneClass::Bulk && a.n >= 2);
             }
         }
     }
@@ -253,7 +274,12 @@ impl Delivery {
                     s.deadline_ms = None;
                 }
             }
-            let limit = s.last.min(s.acked + self.cfg.window);
+            let window = if lane.class() == LaneClass::Bulk {
+                self.cfg.bulk_window
+            } else {
+                self.cfg.window
+            };
+            let limit = s.last.min(s.acked + window);
             if s.sent < limit {
                 sends.push((
                     lane.class(),
@@ -299,13 +325,16 @@ impl Delivery {
         acks.chain(resends).min()
     }
 
-    /// Any frame from a peer proves it is online; resend to it if it was not.
-    fn heard_from(&mut self, peer: &Name) {
+    /// Any frame from a peer proves it is online. Frames it has not been sent go
+    /// at once; frames in flight when it left get a grace period first, because
+    /// its broker session usually redelivers them and resending would double them.
+    fn heard_from(&mut self, peer: &Name, now_ms: u64) {
         let before = self.presence.insert(peer.clone(), Presence::Online);
         if before == Some(Presence::Offline) {
             for ((p, _), s) in self.out.iter_mut() {
                 if p == peer {
-                    rewind(s, self.cfg.rto_min_ms);
+                    s.rto_ms = self.cfg.rto_min_ms;
+                    s.deadline_ms = (s.sent > s.acked).then_some(now_ms + self.cfg.online_grace_ms);
                 }
             }
         }

@@ -182,6 +182,46 @@ pub enum Body {
         seq: u64,
         reason: String,
     },
+    /// A file the sender wants to give the receiver; chunks follow once accepted.
+    FileOffer(FileOffer),
+    /// One piece of an offered file, `index` counting from 0.
+    FileChunk {
+        id: String,
+        index: u32,
+        data: Vec<u8>,
+    },
+    /// The receiver's answer to an offer, and later its verdict on the whole file.
+    FileStatus {
+        id: String,
+        state: FileState,
+        reason: String,
+    },
+    /// Asks the receiver to offer back a file from its share directories.
+    FileRequest {
+        path: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileOffer {
+    pub id: String,
+    pub size: u64,
+    pub sha256: Vec<u8>,
+    pub chunk_size: u32,
+    /// Unix milliseconds after which the file is swept on both sides.
+    pub expires_ms: Option<u64>,
+}
+
+/// Where a file transfer stands, as its receiver reports it. Variants only appended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileState {
+    /// Already held with that hash: nothing to send.
+    Have,
+    /// Send the chunks.
+    Want,
+    /// Every chunk arrived and the whole file matched its hash.
+    Done,
+    Failed,
 }
 
 impl Body {

@@ -8,6 +8,7 @@
 //! - [`delivery`]: per-stream sequencing, acks and resend decisions; pure, takes `now`.
 //! - [`node`]: store and delivery wired into one synchronous protocol core.
 //! - [`exec`]: running processes: timeouts, process groups, output caps.
+//! - [`files`]: file ids, landing paths, chunked reads and writes, verification.
 //! - [`link`]: the MQTT connection to the broker; the only module that knows rumqttc
 //!   and tokio.
 //! - [`seal`]: sealed payloads (X25519, HKDF, ChaCha20-Poly1305) and the replay
@@ -29,6 +30,7 @@ pub mod control;
 pub mod delivery;
 pub mod demo;
 pub mod exec;
+pub mod files;
 pub mod frame;
 pub mod link;
 pub mod node;

@@ -9,7 +9,8 @@ use serde_json::Value;
 
 use outpost::agent::{self, target_result_json};
 use outpost::cli::{
-    Cli, Cmd, ConfigCmd, JobsArgs, KeysArgs, KeysCmd, Method, SendArgs, StatusArgs,
+    Cli, Cmd, ConfigCmd, FilesArgs, FilesCmd, JobsArgs, KeysArgs, KeysCmd, Method, SendArgs,
+    StatusArgs,
 };
 use outpost::config::{self, Config, FileConfig};
 use outpost::control::{Client, CommandSpec, Request};
@@ -60,6 +61,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
         },
         Cmd::Keys(k) => keys(k),
+        Cmd::Files(f) => files(f),
         Cmd::Version(_) => {
             println!(
                 "outpost {} ({})",
@@ -439,4 +441,192 @@ fn node_name(dir: &Path) -> Option<String> {
         .ok()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
+}
+
+fn files(args: FilesArgs) -> Result<ExitCode, String> {
+    use std::io::IsTerminal;
+    let dir = state_dir(args.state_dir);
+    let mut client = Client::connect(&dir)?;
+    let call = |client: &mut Client, req: &Request| client.call(req, Duration::from_secs(600));
+    match args.cmd {
+        FilesCmd::Put(p) => {
+            let src = p
+                .src
+                .canonicalize()
+                .map_err(|e| format!("{}: {e}", p.src.display()))?;
+            let ttl_s = p
+                .ttl
+                .as_deref()
+                .map(|t| config::parse_duration(t).map(|d| d.as_secs().max(1)))
+                .transpose()
+                .map_err(|e| format!("--ttl: {e}"))?;
+            let req = Request::FilesPut {
+                to: p.to,
+                path: src.to_string_lossy().into_owned(),
+                id: p.id,
+                ttl_s,
+            };
+            let reply = call(&mut client, &req)?;
+            let ids: Vec<(String, i64)> = reply["transfers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| {
+                    (
+                        t["node"].as_str().unwrap_or_default().to_string(),
+                        t["transfer"].as_i64().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            if p.no_wait {
+                for (node, t) in &ids {
+                    if p.json {
+                        println!(
+                            "{}",
+                            serde_json::json!({ "node": node, "transfer": t, "id": reply["id"] })
+                        );
+                    } else {
+                        println!("{node}: transfer {t}");
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let tty = std::io::stderr().is_terminal() && !p.json;
+            let mut all_ok = true;
+            for (node, t) in ids {
+                let mut last_step = u64::MAX;
+                let t = loop {
+                    let v = call(&mut client, &Request::Transfer { id: t })?["transfer"].clone();
+                    let pct = v["percent"].as_u64().unwrap_or(0);
+                    let line = format!(
+                        "{node}: {} {}% {}/{} bytes {} B/s {}",
+                        v["id"].as_str().unwrap_or_default(),
+                        pct,
+                        v["bytes"],
+                        v["size"],
+                        v["rate_bps"],
+                        v["state"].as_str().unwrap_or_default()
+                    );
+                    if tty {
+                        eprint!("\r{line}\x1b[K");
+                    } else if !p.json && pct / 10 != last_step {
+                        eprintln!("{line}");
+                        last_step = pct / 10;
+                    }
+                    if v["finished"] == true {
+                        if tty {
+                            eprintln!();
+                        }
+                        break v;
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                };
+                let state = t["state"].as_str().unwrap_or_default();
+                all_ok &= state == "done" || state == "skipped";
+                if p.json {
+                    println!("{t}");
+                } else {
+                    let reason = t["reason"].as_str().unwrap_or_default();
+                    println!(
+                        "{node}: {} {state}{}",
+                        t["id"].as_str().unwrap_or_default(),
+                        if reason.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({reason})")
+                        }
+                    );
+                }
+            }
+            Ok(if all_ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        FilesCmd::Get(g) => {
+            let reply = call(
+                &mut client,
+                &Request::FilesGet {
+                    from: g.from.clone(),
+                    path: g.path.clone(),
+                },
+            )?;
+            let t = reply["transfer"]
+                .as_i64()
+                .ok_or("agent reply without a transfer id")?;
+            let v = loop {
+                let v = call(&mut client, &Request::Transfer { id: t })?["transfer"].clone();
+                if v["finished"] == true {
+                    break v;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            };
+            if v["state"] != "done" && v["state"] != "skipped" {
+                return Err(format!(
+                    "files get {}: {} ({})",
+                    g.path,
+                    v["state"].as_str().unwrap_or_default(),
+                    v["reason"].as_str().unwrap_or_default()
+                ));
+            }
+            let list = call(&mut client, &Request::FilesList)?;
+            let held = list["files"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|f| f["source"] == g.from.as_str() && f["id"] == reply["id"])
+                .and_then(|f| f["path"].as_str().map(PathBuf::from))
+                .ok_or("the file arrived but is not in the list of held files")?;
+            match g.output {
+                Some(dest) => {
+                    std::fs::copy(&held, &dest)
+                        .map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
+                    println!("{}", dest.display());
+                }
+                None => println!("{}", held.display()),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        FilesCmd::List(l) => {
+            let v = call(&mut client, &Request::FilesList)?;
+            if l.json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("transfers:");
+            for t in v["transfers"].as_array().into_iter().flatten() {
+                let arrow = if t["direction"] == "out" { "->" } else { "<-" };
+                println!(
+                    "  {:>5} {arrow} {:<16} {:<24} {:>3}% {:>12}/{:<12} {:>9} B/s  {}",
+                    t["transfer"].as_i64().unwrap_or_default(),
+                    t["peer"].as_str().unwrap_or_default(),
+                    t["id"].as_str().unwrap_or_default(),
+                    t["percent"].as_u64().unwrap_or_default(),
+                    t["bytes"].as_u64().unwrap_or_default(),
+                    t["size"].as_u64().unwrap_or_default(),
+                    t["rate_bps"].as_u64().unwrap_or_default(),
+                    t["state"].as_str().unwrap_or_default()
+                );
+            }
+            println!("files held:");
+            for f in v["files"].as_array().into_iter().flatten() {
+                println!(
+                    "  {}/{}  {} bytes  {}",
+                    f["source"].as_str().unwrap_or_default(),
+                    f["id"].as_str().unwrap_or_default(),
+                    f["size"],
+                    f["path"].as_str().unwrap_or_default()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        FilesCmd::Rm(r) => {
+            let v = call(&mut client, &Request::FilesRm { id: r.id })?;
+            for f in v["removed"].as_array().into_iter().flatten() {
+                println!("removed {}", f.as_str().unwrap_or_default());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }

@@ -292,20 +292,8 @@ impl Node {
 
     /// A publish to `peer` failed: send its unacknowledged frames again next time.
     pub fn unsent(&mut self, peer: &Name, now_ms: u64) {
-        self.delivery.handle(
-            Event::Presence {
-                peer: peer.clone(),
-                online: false,
-            },
-            now_ms,
-        );
-        self.delivery.handle(
-            Event::Presence {
-                peer: peer.clone(),
-                online: true,
-            },
-            now_ms,
-        );
+        self.delivery
+            .handle(Event::Unsent { peer: peer.clone() }, now_ms);
     }
 
     /// When [`Node::poll_out`] next has work without a new event.
@@ -379,7 +367,8 @@ impl Node {
         }
     }
 
-    fn sync_streams(&mut self) -> Result<(), StoreError> {
+    /// Tells delivery about frames enqueued directly through the store.
+    pub fn sync_streams(&mut self) -> Result<(), StoreError> {
         for s in self.store.out_streams()? {
             let event = Event::Enqueued {
                 peer: s.peer,

@@ -184,6 +184,21 @@ impl Trust {
         out
     }
 
+    /// Whether `peer` may use `method` here; `Err` carries the reason.
+    pub fn allows(&self, peer: &Name, method: &str) -> Result<(), String> {
+        let p = self
+            .peers
+            .get(peer)
+            .ok_or_else(|| format!("{peer} is not trusted"))?;
+        if !p.allow.iter().any(|m| m == method) {
+            let allowed = none_if_empty(&p.allow);
+            return Err(format!(
+                "{peer} is not allowed to use {method} (allowed: {allowed})"
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether `peer` may ask this node to run `cmd`; `Err` carries the reason.
     pub fn authorise(&self, peer: &Name, cmd: &Command) -> Result<(), String> {
         let p = self

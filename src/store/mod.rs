@@ -8,7 +8,10 @@
 //!
 //! Blocking: call it from a dedicated thread, never from an async executor.
 
+mod files;
 mod schema;
+
+pub use files::{bulk_lane, control_lane, HeldFile, Transfer};
 
 use std::path::Path;
 

@@ -101,6 +101,42 @@ const MIGRATIONS: &[&str] = &[
         bits INTEGER NOT NULL
     );
     ",
+    // 3 -> 4: file transfers (both directions), chunks received, files held.
+    "
+    CREATE TABLE transfers (
+        id INTEGER PRIMARY KEY,
+        direction TEXT NOT NULL CHECK (direction IN ('out', 'in')),
+        peer TEXT NOT NULL,
+        file_id TEXT NOT NULL,
+        path TEXT NOT NULL,             -- out: the source file; in: the partial file
+        size INTEGER NOT NULL,
+        sha256 BLOB NOT NULL,
+        chunk_size INTEGER NOT NULL,
+        n_chunks INTEGER NOT NULL,
+        next_chunk INTEGER NOT NULL DEFAULT 0,  -- out: next chunk to enqueue; in: chunks received
+        state TEXT NOT NULL,            -- offered, sending, receiving, done, skipped, failed, expired
+        reason TEXT NOT NULL DEFAULT '',
+        started_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        expires_ms INTEGER,
+        UNIQUE (direction, peer, file_id)
+    );
+    CREATE TABLE file_chunks (
+        transfer INTEGER NOT NULL REFERENCES transfers (id) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,
+        PRIMARY KEY (transfer, idx)
+    );
+    CREATE TABLE files (
+        source TEXT NOT NULL,
+        file_id TEXT NOT NULL,
+        path TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 BLOB NOT NULL,
+        received_ms INTEGER NOT NULL,
+        expires_ms INTEGER,
+        PRIMARY KEY (source, file_id)
+    );
+    ",
 ];
 
 /// Brings the database to the newest version, one transaction per step.

@@ -3,6 +3,7 @@
 //! through the helpers in `support` everywhere else.
 
 mod agent;
+mod files;
 mod security;
 mod sim;
 mod support;

@@ -70,10 +70,12 @@ fn cfg() -> NodeConfig {
         },
         delivery: DeliveryConfig {
             window: 6,
+            bulk_window: 3,
             ack_every: 4,
             ack_delay_ms: 20,
             rto_min_ms: 300,
             rto_max_ms: 3_000,
+            online_grace_ms: 200,
         },
         // Small payloads so batching splits often.
         max_payload: 700,
