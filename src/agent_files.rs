@@ -86,16 +86,24 @@ impl Agent {
         let peer = inbound.env.from.clone();
         let refuse = |agent: &mut Agent, reason: String| -> Result<(), StoreError> {
             warn!("refused file {:?} from {peer}: {reason}", offer.id);
-            agent.node.store_mut().answer_file(
-                inbound,
-                None,
-                (&offer.id, FileState::Failed, &reason),
-                now,
-            )?;
+            let store = agent.node.store_mut();
+            // A `files get` waiting for this file learns why it will not come.
+            if let Some(t) = store.transfer("in", &peer, &offer.id)? {
+                store.set_transfer_state(t.id, "failed", &reason, now)?;
+            }
+            store.answer_file(inbound, None, (&offer.id, FileState::Failed, &reason), now)?;
             Ok(())
         };
-        if let Err(reason) = self.trust.allows(&peer, "files") {
-            return refuse(self, reason);
+        // Pushing files here needs `files`; answering our own `files get` does not.
+        let requested = self
+            .node
+            .store()
+            .transfer("in", &peer, &offer.id)?
+            .is_some_and(|t| t.state == "requested");
+        if !requested {
+            if let Err(reason) = self.trust.allows(&peer, "files") {
+                return refuse(self, reason);
+            }
         }
         if offer.expires_ms.is_some_and(|e| e <= now) {
             return refuse(self, "the file expired before it arrived".into());

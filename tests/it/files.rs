@@ -279,3 +279,95 @@ fn a_transfer_whose_ttl_lapses_is_swept_on_both_sides() {
     assert!(!rig.received("late.bin").exists());
     assert!(!rig.ship.dir.join("files/central/.late.bin.part").exists());
 }
+
+/// Writes `size` pseudo-random bytes without holding them in memory.
+fn random_file_streamed(path: &Path, size: usize) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut written = 0;
+    while written < size {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        f.write_all(&seed.to_le_bytes()).unwrap();
+        written += 8;
+    }
+    f.flush().unwrap();
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn receiving_two_hundred_mib_keeps_memory_flat() {
+    let rig = Rig::new(&["--durability", "normal"]);
+    let src = rig.tmp.path().join("image.bin");
+    random_file_streamed(&src, 200 * 1024 * 1024);
+    // Idle, after a warm-up exchange has touched every code path once.
+    let warm = rig.tmp.path().join("warm.bin");
+    random_file(&warm, 256 * 1024);
+    assert_eq!(
+        rig.wait_finished(rig.put(&warm, "warm.bin"))["state"],
+        "done"
+    );
+    let idle = rss_kib(rig.ship.pid(), "VmRSS:");
+    let t = rig.put(&src, "image.bin");
+    let v = wait_for("the 200 MiB transfer", Duration::from_secs(900), || {
+        let v = rig.transfer(&rig.central, t);
+        (v["finished"] == true).then_some(v)
+    });
+    assert_eq!(v["state"], "done", "{v}");
+    let peak = rss_kib(rig.ship.pid(), "VmHWM:");
+    eprintln!("200 MiB receive: idle RSS {idle} KiB, peak RSS {peak} KiB");
+    assert!(same_bytes(&src, &rig.received("image.bin")));
+    assert!(
+        peak <= idle + 6 * 1024,
+        "peak {peak} KiB against idle {idle} KiB"
+    );
+}
+
+#[test]
+fn files_get_fetches_only_from_share_directories() {
+    let tmp = TempDir::new();
+    introduce(tmp.path(), "central", "ship1", "files");
+    let share = tmp.path().join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::write(share.join("app.log"), b"log line\n").unwrap();
+    std::fs::write(tmp.path().join("secret"), b"not shared").unwrap();
+    let broker = Broker::start();
+    let central = Agent::start_with("central", &broker.url(), tmp.path(), &[]);
+    let ship = Agent::start_with(
+        "ship1",
+        &broker.url(),
+        tmp.path(),
+        &["--share-dir", share.to_str().unwrap()],
+    );
+    wait_until("central sees ship1", LONG, || central.sees_online("ship1"));
+    let _ = &ship;
+    let dest = tmp.path().join("fetched.log");
+    let out = central.cli(&[
+        "files",
+        "get",
+        "--from",
+        "ship1",
+        "app.log",
+        "-o",
+        dest.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(&dest).unwrap(), b"log line\n");
+    // Outside the share directory, by traversal or by absolute path: refused.
+    for path in ["../secret", tmp.path().join("secret").to_str().unwrap()] {
+        let out = central.cli(&["files", "get", "--from", "ship1", path]);
+        assert!(!out.status.success(), "{path}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr)
+                .contains("not a file in this node's share directories"),
+            "{out:?}"
+        );
+    }
+}
