@@ -6,6 +6,7 @@
 #   cross/build-all.sh                 # all six targets
 #   cross/build-all.sh mips mipsel     # some of them (short or full names)
 #   FOOTPRINT=0 cross/build-all.sh     # skip the footprint probe (examples/footprint.rs)
+#   cross/build-all.sh --tools-only    # install what the routes need, build nothing
 #
 # Routes (see cross/README.md for why):
 #   x86_64, aarch64          stable, prebuilt std, cargo-zigbuild as linker and C compiler
@@ -25,12 +26,15 @@ source "$here/targets.sh"
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 footprint=${FOOTPRINT:-1}
+tools_only=0
 selected=()
-if (($# == 0)); then
-    selected=("${ALL_TARGETS[@]}")
-else
-    for t in "$@"; do selected+=("$(resolve_target "$t")"); done
-fi
+for a in "$@"; do
+    case $a in
+    --tools-only) tools_only=1 ;;
+    *) selected+=("$(resolve_target "$a")") ;;
+    esac
+done
+((${#selected[@]})) || selected=("${ALL_TARGETS[@]}")
 
 # --- tools ---------------------------------------------------------------------------
 
@@ -63,6 +67,8 @@ if ! command -v cargo-zigbuild >/dev/null; then
     say "installing cargo-zigbuild"
     nice -n 19 cargo "+$STABLE" install --locked cargo-zigbuild
 fi
+
+((tools_only)) && exit 0
 
 # --- builds --------------------------------------------------------------------------
 
