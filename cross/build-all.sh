@@ -7,6 +7,8 @@
 #   cross/build-all.sh mips mipsel     # some of them (short or full names)
 #   FOOTPRINT=0 cross/build-all.sh     # skip the footprint probe (examples/footprint.rs)
 #   cross/build-all.sh --tools-only    # install what the routes need, build nothing
+#   KEEP_SYMBOLS=1 cross/build-all.sh  # link unstripped, keep <bin>.syms for
+#                                      # cross/size-breakdown.sh, strip with binutils
 #
 # Routes (see cross/README.md for why):
 #   x86_64, aarch64          stable, prebuilt std, cargo-zigbuild as linker and C compiler
@@ -26,6 +28,7 @@ source "$here/targets.sh"
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 footprint=${FOOTPRINT:-1}
+keep_symbols=${KEEP_SYMBOLS:-0}
 tools_only=0
 selected=()
 for a in "$@"; do
@@ -45,6 +48,10 @@ for t in "${selected[@]}"; do
 done
 
 command -v file >/dev/null || { say "installing file"; apt-get install -y file >/dev/null; }
+if ((keep_symbols)) && ! strip --help 2>/dev/null | grep -q elf32-tradbigmips; then
+    say "installing binutils-multiarch (strip and nm for every target)"
+    apt-get install -y binutils-multiarch >/dev/null
+fi
 
 if ((${#need_stable_targets[@]})); then
     installed=$(rustup target list --installed --toolchain "$STABLE")
@@ -95,16 +102,26 @@ for t in "${selected[@]}"; do
     cflags_var="CFLAGS_${t//-/_}"
     say "building $t ($route${flags:+, RUSTFLAGS: $flags}${CFLAGS_OF[$t]:+, CFLAGS: ${CFLAGS_OF[$t]}})"
     start=$SECONDS
-    env "CARGO_TARGET_${upper}_RUSTFLAGS=$flags" "$cflags_var=${CFLAGS_OF[$t]:-}" \
+    strip_env=()
+    ((keep_symbols)) && strip_env=(CARGO_PROFILE_RELEASE_STRIP=false)
+    env "CARGO_TARGET_${upper}_RUSTFLAGS=$flags" "$cflags_var=${CFLAGS_OF[$t]:-}" "${strip_env[@]}" \
         nice -n 19 cargo "+$toolchain" zigbuild --release --locked --target "$t" \
         "${extra[@]}" "${what[@]}"
     secs=$((SECONDS - start))
 
     out="$dist/$t"
     mkdir -p "$out"
+    rm -f "$out"/*
     cp "$CARGO_TARGET_DIR/$t/release/outpost" "$out/outpost"
     ((footprint)) && cp "$CARGO_TARGET_DIR/$t/release/examples/footprint" "$out/footprint"
+    if ((keep_symbols)); then
+        for bin in "$out"/*; do
+            mv "$bin" "$bin.syms"
+            strip --strip-all -o "$bin" "$bin.syms"
+        done
+    fi
     for bin in "$out"/*; do
+        [[ $bin == *.syms ]] && continue
         desc=$(file -b "$bin")
         case $desc in
         *"statically linked"* | *"static-pie linked"*) ;;
