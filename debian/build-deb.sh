@@ -43,18 +43,25 @@ deb=$(cd "$root" && cargo deb --no-build --no-strip --target "$target" --output 
 [[ -f $deb ]] || { echo "cargo deb failed: $deb" >&2; exit 1; }
 
 # --- check -----------------------------------------------------------------------------
+# Read everything into variables first: `grep -q` on a pipe would SIGPIPE dpkg-deb.
+ctrl=$(mktemp -d)
+trap 'rm -rf "$ctrl"' EXIT
+dpkg-deb --control "$deb" "$ctrl"
+contents=$(dpkg-deb --contents "$deb")
 echo "--- control"
-dpkg-deb --field "$deb"
+cat "$ctrl/control"
 echo "--- conffiles"
-dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./conffiles
+cat "$ctrl/conffiles"
 echo "--- files"
-dpkg-deb --contents "$deb" | awk '{ print $1, $2, $NF }'
-dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./postinst | grep -q 'adduser --system' ||
-    { echo "postinst does not create the user" >&2; exit 1; }
-dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./conffiles | grep -qx /etc/outpost/outpost.toml ||
-    { echo "config is not a conffile" >&2; exit 1; }
-dpkg-deb --contents "$deb" | grep -q 'lib/systemd/system/outpost.service' ||
-    { echo "no systemd unit in the package" >&2; exit 1; }
+awk '{ print $1, $2, $NF }' <<<"$contents"
+check() { "$@" >/dev/null || { echo "check failed: ${*: -2}" >&2; exit 1; }; }
+check grep 'adduser --system' "$ctrl/postinst"
+check grep -x /etc/outpost/outpost.toml "$ctrl/conffiles"
+check grep 'lib/systemd/system/outpost.service$' <<<"$contents"
+check grep './usr/bin/outpost$' <<<"$contents"
+mkdir "$ctrl/data"
+dpkg-deb --extract "$deb" "$ctrl/data"
 echo
-printf '%-48s %-8s %10s\n' package arch bytes
-printf '%-48s %-8s %10s\n' "$(basename "$deb")" "$(dpkg-deb --field "$deb" Architecture)" "$(stat -c %s "$deb")"
+printf '%-48s %-8s %10s  %s\n' package arch bytes binary
+printf '%-48s %-8s %10s  %s\n' "$(basename "$deb")" "$(dpkg-deb --field "$deb" Architecture)" \
+    "$(stat -c %s "$deb")" "$(file -b "$ctrl/data/usr/bin/outpost" | grep -o "statically linked" || echo "NOT STATIC")"
