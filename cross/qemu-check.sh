@@ -25,7 +25,7 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 steps=${STEPS:-help version probe exchange rss}
 timeout_s=${EXCHANGE_TIMEOUT:-180}
-dist="$root/target/dist"
+dist=${DIST:-$root/target/dist}
 central_bin=${CENTRAL:-$dist/x86_64-unknown-linux-musl/outpost}
 
 selected=()
@@ -66,13 +66,18 @@ for _ in $(seq 50); do
 done
 say "mosquitto on 127.0.0.1:$port"
 
-# Wait until a retained presence message says `online`, or fail after $2 seconds.
+# Wait until NODE's retained presence says `online`; fail after SECS seconds or as
+# soon as the agent process PID has exited.
 wait_online() {
-    local node=$1 secs=$2
-    local got
-    got=$(timeout "$secs" mosquitto_sub -h 127.0.0.1 -p "$port" -t "outpost/$node/presence" \
-        -F '%p' 2>/dev/null | grep -m1 -x online) || true
-    [[ $got == online ]]
+    local node=$1 secs=$2 pid=$3 deadline=$((SECONDS + $2)) got
+    while ((SECONDS < deadline)); do
+        kill -0 "$pid" 2>/dev/null || { echo "agent $node exited early"; return 1; }
+        got=$(mosquitto_sub -h 127.0.0.1 -p "$port" -t "outpost/$node/presence" -C 1 -W 2 \
+            -F '%p' 2>/dev/null) || true
+        [[ $got == online ]] && return 0
+    done
+    echo "agent $node not online after ${secs}s"
+    return 1
 }
 
 # Idle RSS in kB (VmRSS) of a native process.
@@ -87,7 +92,7 @@ start_central() {
         >"$work/central.log" 2>&1 &
     central_pid=$!
     pids+=("$central_pid")
-    wait_online central 30 || { echo "central did not come online; see $work/central.log"; return 1; }
+    wait_online central 30 "$central_pid" || { echo "see $work/central.log"; tail -n 5 "$work/central.log"; return 1; }
 }
 
 # Each step prints why it failed on stdout and returns non-zero.
@@ -126,7 +131,7 @@ step_exchange() {
     local node_pid=$!
     pids+=("$node_pid")
     # Under qemu a mips agent takes a few seconds to open its store and connect.
-    wait_online "$node" 60 || { echo "$node did not come online; see $work/$node.log"; return 1; }
+    wait_online "$node" 60 "$node_pid" || { echo "see $work/$node.log"; tail -n 5 "$work/$node.log"; return 1; }
     local want="$node: exchange-ok-$t" out
     out=$(timeout "$timeout_s" "$central_bin" send --state-dir "$work/central" --to "$node" \
         exec -- echo "exchange-ok-$t" 2>&1) || { echo "send exited $?: ${out: -300}"; return 1; }
@@ -141,7 +146,7 @@ step_rss() {
     "$bin" agent --name idle --broker "$broker" --state-dir "$work/idle" >"$work/idle.log" 2>&1 &
     local pid=$!
     pids+=("$pid")
-    wait_online idle 30 || { echo "idle agent did not come online; see $work/idle.log"; return 1; }
+    wait_online idle 30 "$pid" || { echo "see $work/idle.log"; tail -n 5 "$work/idle.log"; return 1; }
     sleep 10 # idle on purpose: this measures the agent at rest, not a synchronisation
     local kb
     kb=$(rss_kb "$pid")
@@ -164,10 +169,12 @@ for t in "${selected[@]}"; do
             res=missing
             failed=1
         else
+            # Not in $(...): steps start agents whose pids cleanup must see.
             set +e
-            msg=$("step_$s" "$runner" "$bin" "$t")
+            "step_$s" "$runner" "$bin" "$t" >"$work/msg"
             rc=$?
             set -e
+            msg=$(<"$work/msg")
             case $rc in
             0) res=pass ;;
             2) res=skip ;;
