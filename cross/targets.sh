@@ -13,9 +13,11 @@ ALL_TARGETS=(
     mips-unknown-linux-musl
 )
 
-# Extra C flags for bundled SQLite (cc reads CFLAGS_<triple>).
+# Extra C flags for bundled SQLite and ring (cc reads CFLAGS_<triple>). zig ignores
+# -mthumb; Thumb-2 is asked for as a CPU feature, repeating the CPU cargo-zigbuild
+# passes (ARMv7-A, VFPv3-D16, no NEON) since the last -mcpu wins.
 declare -A CFLAGS_OF=(
-    [armv7-unknown-linux-musleabihf]="-mthumb"
+    [armv7-unknown-linux-musleabihf]="-mcpu=generic+v7a+vfp3-d32+thumb2-neon+thumb_mode"
 )
 
 # Accept short names: x86_64 aarch64 armv7 armv6 mipsel mips.
