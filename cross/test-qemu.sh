@@ -44,8 +44,9 @@ for t in "${selected[@]}"; do
     mkdir -p "$(dirname "$log")"
     start=$SECONDS
     set +e
-    nice -n 19 cargo "+$toolchain" zigbuild test --locked --lib --target "$t" "${extra[@]}" \
-        -- "$@" 2>&1 | tee "$log"
+    # `cargo zigbuild` only builds; the test subcommand is cargo-zigbuild's own.
+    RUSTUP_TOOLCHAIN=$toolchain nice -n 19 cargo-zigbuild test --locked --lib --target "$t" \
+        "${extra[@]}" -- "$@" 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
     set -e
     summary=$(grep -E '^test result:' "$log" | tail -n 1 | sed 's/^test result: //; s/; finished in.*//')
