@@ -13,12 +13,11 @@ ALL_TARGETS=(
     mips-unknown-linux-musl
 )
 
-# Extra C flags for bundled SQLite and ring (cc reads CFLAGS_<triple>). zig ignores
-# -mthumb; Thumb-2 is asked for as a CPU feature, repeating the CPU cargo-zigbuild
-# passes (ARMv7-A, VFPv3-D16, no NEON) since the last -mcpu wins.
-declare -A CFLAGS_OF=(
-    [armv7-unknown-linux-musleabihf]="-mcpu=generic+v7a+vfp3-d32+thumb2-neon+thumb_mode"
-)
+# Extra C flags for the target's C code (cc reads CFLAGS_<triple>; applies to every
+# crate's C and assembly). Empty today. Thumb-2 SQLite on armv7 would save more
+# (zig ignores -mthumb; -mcpu=generic+v7a+vfp3-d32+thumb2-neon+thumb_mode works for
+# C but breaks ring's ARM-mode assembly, so it needs a per-file CC wrapper).
+declare -A CFLAGS_OF=()
 
 # Accept short names: x86_64 aarch64 armv7 armv6 mipsel mips.
 resolve_target() {
