@@ -30,12 +30,12 @@ command -v dpkg-deb >/dev/null || { say "installing dpkg"; apt-get install -y dp
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     FOOTPRINT=0 "$root/cross/build-all.sh" "$target"
 fi
-# cargo-deb takes the binary from $CARGO_TARGET_DIR/<target>/release/outpost.
-if [[ $(route_of "$target") == nightly ]]; then
-    export CARGO_TARGET_DIR="$root/target/cross-nightly"
-else
-    export CARGO_TARGET_DIR="$root/target/cross-stable"
-fi
+# cargo-deb takes the binary from $CARGO_TARGET_DIR/<target>/release/outpost; stage
+# the checked, stripped one from target/dist there (a KEEP_SYMBOLS build leaves an
+# unstripped binary in the cargo target directory).
+export CARGO_TARGET_DIR="$root/target/deb-stage"
+mkdir -p "$CARGO_TARGET_DIR/$target/release"
+cp "$root/target/dist/$target/outpost" "$CARGO_TARGET_DIR/$target/release/outpost"
 out="$root/target/dist/deb"
 mkdir -p "$out"
 say "cargo deb --target $target"
