@@ -310,10 +310,14 @@ mod tests {
             assert!(!w.fresh(c), "{c} again");
         }
         assert!(
-            w.fresh(4),
+            w.fresh(68),
             "a skipped counter inside the window is still fresh"
         );
-        assert!(!w.fresh(5));
+        assert!(
+            !w.fresh(4),
+            "4 is 66 below the highest: too old to tell, refused"
+        );
+        assert!(!w.fresh(69));
         assert!(!w.fresh(2), "too old to tell is refused");
         w.mark(1_000);
         assert!(!w.fresh(70));
