@@ -30,6 +30,10 @@ use crate::{debug, error, info, warn};
 #[path = "agent_files.rs"]
 mod agent_files;
 
+/// A command still running this long after it started is announced to its sender,
+/// so `outpost jobs` can say `running`; quicker ones cost no extra bytes.
+const STARTED_AFTER_MS: u64 = 1_000;
+
 /// Default command timeout when the sender gives none.
 pub const DEFAULT_TIMEOUT_MS: u32 = 60_000;
 /// Largest MQTT packet: a full payload plus headroom.
@@ -160,8 +164,9 @@ struct Agent {
     waiters: Vec<(i64, usize, Sender<Value>)>,
     /// Publishing was refused (queue full): try again at this time.
     retry_at: Option<Instant>,
-    /// Commands running now: (peer, lane, seq) -> method and start.
-    running: BTreeMap<(Name, Lane, u64), (&'static str, u64)>,
+    /// Commands running now: (peer, lane, seq) -> method, start, and whether the
+    /// sender has been told it is running.
+    running: BTreeMap<(Name, Lane, u64), (&'static str, u64, bool)>,
 }
 
 impl Agent {
@@ -174,6 +179,16 @@ impl Agent {
             .map(|t| Duration::from_millis(t.saturating_sub(now)));
         if let Some(at) = self.retry_at {
             let d = at.saturating_duration_since(Instant::now());
+            wake = Some(wake.map_or(d, |w| w.min(d)));
+        }
+        if let Some(t) = self
+            .running
+            .values()
+            .filter(|r| !r.2)
+            .map(|r| r.1 + STARTED_AFTER_MS)
+            .min()
+        {
+            let d = Duration::from_millis(t.saturating_sub(now));
             wake = Some(wake.map_or(d, |w| w.min(d)));
         }
         if self.files_active {
@@ -306,6 +321,7 @@ impl Agent {
         if let Err(e) = self.run_ready(now) {
             error!("cannot take runnable work: {e}");
         }
+        self.announce_running(now);
         if let Err(e) = self.pump_files(now) {
             error!("cannot queue file chunks: {e}");
         }
@@ -399,6 +415,10 @@ impl Agent {
                         self.on_file_frame(&inbound, now)?;
                         consumed = true;
                     }
+                    Body::Started { seq } => {
+                        self.node.store_mut().record_started(&inbound, *seq)?;
+                        consumed = true;
+                    }
                     Body::Ack { .. } => {}
                 }
             }
@@ -437,7 +457,7 @@ impl Agent {
             }
             Command::Exec(e) => {
                 self.node.start(&inbound, now)?;
-                self.running.insert(key, ("exec", now));
+                self.running.insert(key, ("exec", now, false));
                 let spec = exec_spec(&e, self.cfg.output_cap as usize);
                 let tx = self.tx.clone();
                 smol::spawn(async move {
@@ -451,7 +471,7 @@ impl Agent {
             }
             Command::HttpGet(h) => {
                 self.node.start(&inbound, now)?;
-                self.running.insert(key, ("http-get", now));
+                self.running.insert(key, ("http-get", now, false));
                 let tx = self.tx.clone();
                 smol::spawn(async move {
                     let result = smol::unblock(move || http_get(seq, &h)).await;
@@ -622,7 +642,7 @@ impl Agent {
                 json!({ "peer": p.as_str(), "lane": l.as_str(), "frames": n, "oldest_unacked_s": age })
             }).collect::<Vec<_>>(),
             "inbox": inbox.iter().map(|(p, l, n)| json!({ "peer": p.as_str(), "lane": l.as_str(), "frames": n })).collect::<Vec<_>>(),
-            "running": self.running.iter().map(|((p, l, s), (m, t))| json!({
+            "running": self.running.iter().map(|((p, l, s), (m, t, _))| json!({
                 "peer": p.as_str(), "lane": l.as_str(), "seq": s, "method": m, "for_s": now.saturating_sub(*t) / 1000
             })).collect::<Vec<_>>(),
             "peers": peers.iter().map(|(n, online, since)| json!({ "name": n.as_str(), "online": online, "since_ms": since })).collect::<Vec<_>>(),
@@ -760,6 +780,32 @@ fn load_or_create_keys(cfg: &Config) -> Result<Keys, String> {
         );
     }
     trust::load(&cfg.state_dir)
+}
+
+impl Agent {
+    /// Tells senders about commands that have been running a while.
+    fn announce_running(&mut self, now: u64) {
+        let due: Vec<(Name, Lane, u64)> = self
+            .running
+            .iter()
+            .filter(|(_, r)| !r.2 && now >= r.1 + STARTED_AFTER_MS)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (peer, lane, seq) in due {
+            let item = Outgoing {
+                to: peer.clone(),
+                lane: lane.clone(),
+                ttl_s: None,
+                body: Body::Started { seq },
+            };
+            if let Err(e) = self.node.submit(vec![item], now) {
+                debug!("cannot announce {lane}#{seq} running to {peer}: {e}");
+            }
+            if let Some(r) = self.running.get_mut(&(peer, lane, seq)) {
+                r.2 = true;
+            }
+        }
+    }
 }
 
 fn n_results(job: &Job) -> usize {

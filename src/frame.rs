@@ -200,6 +200,11 @@ pub enum Body {
     FileRequest {
         path: String,
     },
+    /// The command numbered `seq` on this lane has been running for a while
+    /// (sent only for commands that do not finish at once, to save bytes).
+    Started {
+        seq: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

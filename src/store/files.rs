@@ -391,6 +391,21 @@ impl Store {
         Ok(())
     }
 
+    /// Records that a command we sent is running on its node, and consumes the notice.
+    pub fn record_started(&mut self, inbound: &Inbound, seq: u64) -> Result<(), StoreError> {
+        let env = &inbound.env;
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "UPDATE job_targets SET state = 'running'
+             WHERE node = ?1 AND lane = ?2 AND seq = ?3 AND state IN ('queued', 'delivered')",
+            params![env.from.as_str(), env.lane.as_str(), seq as i64],
+        )?;
+        let freed = consume_in(&tx, env)?;
+        tx.commit()?;
+        self.used -= freed;
+        Ok(())
+    }
+
     /// Consumes a frame that needs no answer (a file status for our transfer).
     pub fn consume(&mut self, inbound: &Inbound) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;

@@ -534,7 +534,15 @@ fn parallel_lane_does_not_hold_back_the_ordered_lane() {
             rig.central.job(*id)["targets"][0]["result"].is_null(),
             "parallel commands still running"
         );
+        wait_until("central's jobs say running", LONG, || {
+            rig.central.job(*id)["targets"][0]["state"] == "running"
+        });
     }
+    let out = rig.central.cli(&["jobs"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ship1=running"),
+        "{out:?}"
+    );
     std::fs::write(&gate, b"").unwrap();
     for id in slow {
         wait_until("the parallel commands finish", LONG, || {

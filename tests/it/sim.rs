@@ -315,6 +315,12 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
                             }
                             progressed = true;
                         }
+                        Body::Started { seq } => {
+                            node.store_mut()
+                                .record_started(&inbound, *seq)
+                                .map_err(|e| e.to_string())?;
+                            progressed = true;
+                        }
                         other => return Err(format!("unexpected body {other:?}")),
                     }
                 }
