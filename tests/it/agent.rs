@@ -65,11 +65,33 @@ impl Agent {
             .expect("spawn outpost agent");
         self.proc = Some(KillOnDrop(child));
         let dir = self.dir.clone();
-        wait_until("agent control socket answers", LONG, || {
+        let up = crate::support::try_wait_for(LONG, || {
+            if let Ok(Some(status)) = self.proc.as_mut().unwrap().0.try_wait() {
+                panic!(
+                    "agent {} exited at start ({status}):\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
             Client::connect(&dir)
                 .and_then(|mut c| c.call(&Request::Status, Duration::from_secs(10)))
-                .is_ok()
+                .ok()
         });
+        if up.is_none() {
+            panic!(
+                "agent {} did not answer on its control socket:\n{}",
+                self.name,
+                self.log()
+            );
+        }
+    }
+
+    /// The last lines of this agent's current log.
+    pub fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join(format!("agent-{}.log", self.n_starts)))
+            .unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
     /// SIGKILL, then start again on the same state directory.
