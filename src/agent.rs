@@ -1022,15 +1022,24 @@ fn lock_state_dir(dir: &Path) -> Result<std::fs::File, String> {
         .write(true)
         .open(&path)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        return Err(format!(
-            "another agent is already running with state directory {}",
-            dir.display()
-        ));
+    // A predecessor killed a moment ago can hold the lock a little longer: a child
+    // it was forking keeps the descriptor until its exec closes it. Wait a few
+    // seconds for that before concluding another agent is alive.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(file);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "another agent is already running with state directory {}",
+                dir.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
-    Ok(file)
 }
 
 fn bind_control(dir: &Path) -> Result<smol::net::unix::UnixListener, String> {
