@@ -5,7 +5,6 @@
 #
 #   cross/build-all.sh                 # all six targets
 #   cross/build-all.sh mips mipsel     # some of them (short or full names)
-#   FOOTPRINT=0 cross/build-all.sh     # skip the footprint probe (examples/footprint.rs)
 #   cross/build-all.sh --tools-only    # install what the routes need, build nothing
 #   KEEP_SYMBOLS=1 cross/build-all.sh  # link unstripped, keep <bin>.syms for
 #                                      # cross/size-breakdown.sh, strip with binutils
@@ -15,7 +14,7 @@
 #   armv7, armv6, mipsel,    nightly -Zbuild-std (no prebuilt musl std), cargo-zigbuild,
 #   mips                     -Cpanic=immediate-abort; armv7 also compiled as Thumb-2
 #
-# Outputs: target/dist/<triple>/outpost (+ footprint), target/dist/sizes.tsv.
+# Outputs: target/dist/<triple>/outpost, target/dist/sizes.tsv.
 # Builds run one target at a time under `nice -n 19`: the machine is shared.
 set -euo pipefail
 
@@ -27,7 +26,6 @@ source "$here/targets.sh"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
-footprint=${FOOTPRINT:-0}
 keep_symbols=${KEEP_SYMBOLS:-0}
 tools_only=0
 selected=()
@@ -88,7 +86,6 @@ for t in "${selected[@]}"; do
     flags=$(rustflags_of "$t")
     upper=$(tr 'a-z-' 'A-Z_' <<<"$t")
     what=(--bin outpost)
-    ((footprint)) && what+=(--example footprint)
 
     if [[ $route == nightly ]]; then
         toolchain=$NIGHTLY
@@ -113,7 +110,6 @@ for t in "${selected[@]}"; do
     mkdir -p "$out"
     rm -f "$out"/*
     cp "$CARGO_TARGET_DIR/$t/release/outpost" "$out/outpost"
-    ((footprint)) && cp "$CARGO_TARGET_DIR/$t/release/examples/footprint" "$out/footprint"
     if ((keep_symbols)); then
         for bin in "$out"/*; do
             mv "$bin" "$bin.syms"
@@ -129,19 +125,17 @@ for t in "${selected[@]}"; do
         esac
     done
     size=$(stat -c %s "$out/outpost")
-    fsize=-
-    ((footprint)) && fsize=$(stat -c %s "$out/footprint")
-    results+=("$t	$route	$size	$fsize	${secs}s	$(file -b "$out/outpost" | cut -d, -f1-2)")
+    results+=("$t	$route	$size	${secs}s	$(file -b "$out/outpost" | cut -d, -f1-2)")
 done
 
 # --- summary -------------------------------------------------------------------------
 
 {
-    printf 'target\troute\toutpost_bytes\tfootprint_bytes\tbuild_time\tfile\n'
+    printf 'target\troute\toutpost_bytes\tbuild_time\tfile\n'
     printf '%s\n' "${results[@]}"
 } >"$dist/sizes.tsv.new"
-# Keep rows of targets not rebuilt this time.
-if [[ -f $dist/sizes.tsv ]]; then
+# Keep rows of targets not rebuilt this time (if the old table has the same columns).
+if [[ -f $dist/sizes.tsv && $(head -n 1 "$dist/sizes.tsv") == "$(head -n 1 "$dist/sizes.tsv.new")" ]]; then
     for t in "${ALL_TARGETS[@]}"; do
         grep -q "^$t	" "$dist/sizes.tsv.new" || grep "^$t	" "$dist/sizes.tsv" >>"$dist/sizes.tsv.new" || true
     done
@@ -149,10 +143,10 @@ fi
 mv "$dist/sizes.tsv.new" "$dist/sizes.tsv"
 
 echo
-printf '%-34s %-8s %12s %12s %8s  %s\n' target route outpost footprint time file
+printf '%-34s %-8s %12s %8s  %s\n' target route outpost time file
 for row in "${results[@]}"; do
-    IFS=$'\t' read -r t route size fsize secs desc <<<"$row"
-    mb() { [[ $1 == - ]] && echo - || awk -v b="$1" 'BEGIN { printf "%.2f MB", b / 1e6 }'; }
-    printf '%-34s %-8s %12s %12s %8s  %s\n' "$t" "$route" "$(mb "$size")" "$(mb "$fsize")" "$secs" "$desc"
+    IFS=$'\t' read -r t route size secs desc <<<"$row"
+    mb() { awk -v b="$1" 'BEGIN { printf "%.2f MB", b / 1e6 }'; }
+    printf '%-34s %-8s %12s %8s  %s\n' "$t" "$route" "$(mb "$size")" "$secs" "$desc"
 done
 echo "binaries: $dist/<target>/   table: $dist/sizes.tsv"

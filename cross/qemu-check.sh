@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Run each cross-built binary under qemu-user and prove it works:
 #   help      `outpost --help` exits 0 and prints usage
-#   version   `outpost version` prints `outpost X.Y.Z (<target>, <commit>)`
-#   probe     examples/footprint: SQLite, frames, exec, TLS setup and an MQTT round
-#             trip through a native mosquitto (skipped if FOOTPRINT=0 at build time)
-#   exchange  the cross-built agent (node) connects to a native mosquitto; a native
-#             central agent sends it `exec -- echo ...` and must print the node's line
+#   version   `outpost version` prints `outpost X.Y.Z (<arch>...)`, arch of the target
+#   exchange  the cross-built binary makes the node's key pair (`keys gen`, under
+#             qemu) and trusts the native central for exec; the central trusts the
+#             node's key for results; the node agent connects to a native mosquitto
+#             and the central's `send ... exec -- echo ...` must print the node's
+#             line (every payload sealed end to end)
 #   rss       x86_64 only (native, no qemu in the way): idle RSS of the agent
 #
 #   cross/qemu-check.sh                          # aarch64 armv7 armv6 mipsel mips
 #   cross/qemu-check.sh x86_64 mips              # some targets
-#   STEPS="probe" cross/qemu-check.sh            # some steps
+#   STEPS="help exchange" cross/qemu-check.sh    # some steps
 #
 # Needs cross/build-all.sh to have run for the targets and for x86_64 (the native
 # central). Installs qemu-user-static and mosquitto if missing.
@@ -23,7 +24,7 @@ source "$here/targets.sh"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
-steps=${STEPS:-help version probe exchange rss}
+steps=${STEPS:-help version exchange rss}
 timeout_s=${EXCHANGE_TIMEOUT:-180}
 dist=${DIST:-$root/target/dist}
 central_bin=${CENTRAL:-$dist/x86_64-unknown-linux-musl/outpost}
@@ -83,16 +84,41 @@ wait_online() {
 # Idle RSS in kB (VmRSS) of a native process.
 rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
+# `keys gen` prints "NAME PUBLIC-KEY"; echo the key.
+pubkey_of() {
+    local line
+    line=$("$@" 2>&1) || { echo "keys gen failed: $line" >&2; return 1; }
+    line=${line##* }
+    [[ $line =~ ^[0-9a-f]{64}$ ]] || { echo "keys gen printed no key: $line" >&2; return 1; }
+    echo "$line"
+}
+
+# One central per exchange, started after both trust files are written: the agent
+# re-reads its trust file when a message reaches its own inbox, not before it seals a
+# command, so a central started before it trusted the node drops the command
+# ("cannot seal for NODE: not in the trust file") and waits for a reply that never comes.
 central_pid=""
-start_central() {
-    [[ -n $central_pid ]] && return 0
+central_dir=""
+central_key=""
+new_central() { # DIR: make the central's key pair
     [[ -x $central_bin ]] || { echo "no native central at $central_bin (run cross/build-all.sh x86_64)"; return 1; }
-    mkdir -p "$work/central"
-    "$central_bin" agent --name central --broker "$broker" --state-dir "$work/central" \
-        >"$work/central.log" 2>&1 &
+    central_dir=$1
+    mkdir -p "$central_dir"
+    central_key=$(pubkey_of "$central_bin" keys gen --state-dir "$central_dir" --name central 2>&1) ||
+        { echo "$central_key"; return 1; }
+}
+start_central() {
+    "$central_bin" agent --name central --broker "$broker" --state-dir "$central_dir" \
+        >"$central_dir.log" 2>&1 &
     central_pid=$!
     pids+=("$central_pid")
-    wait_online central 30 "$central_pid" || { echo "see $work/central.log"; tail -n 5 "$work/central.log"; return 1; }
+    wait_online central 30 "$central_pid" || { echo "see $central_dir.log"; tail -n 5 "$central_dir.log"; return 1; }
+}
+stop_central() {
+    [[ -n $central_pid ]] || return 0
+    kill "$central_pid" 2>/dev/null || true
+    wait "$central_pid" 2>/dev/null || true
+    central_pid=""
 }
 
 # Each step prints why it failed on stdout and returns non-zero.
@@ -102,41 +128,47 @@ step_help() {
     grep -qi 'usage' <<<"$out" || { echo "--help printed no usage: ${out:0:200}"; return 1; }
 }
 
+# `outpost version` prints `outpost X.Y.Z (ARCH)`, ARCH as Rust names it (arm for
+# armv6 and armv7, mips for mipsel).
 step_version() {
-    local out
+    local out arch=${3%%-*}
+    case $arch in armv7 | arm) arch=arm ;; mipsel) arch=mips ;; esac
     out=$($1 "$2" version 2>&1) || { echo "version exited $?: $out"; return 1; }
-    [[ $out =~ ^outpost\ [0-9]+\.[0-9]+\.[0-9]+.*\($3,\ [^\)]+\)$ ]] ||
+    [[ $out =~ ^outpost\ [0-9]+\.[0-9]+\.[0-9]+[^\ ]*\ \($arch[,\)] ]] ||
         { echo "unexpected version line: ${out:0:200}"; return 1; }
-}
-
-step_probe() {
-    local probe
-    probe="$(dirname "$2")/footprint"
-    [[ -x $probe ]] || { echo "no footprint probe (built with FOOTPRINT=0?)"; return 1; }
-    local out
-    out=$(timeout 120 $1 "$probe" --broker "127.0.0.1:$port" 2>&1) ||
-        { echo "probe failed: ${out: -300}"; return 1; }
-    grep -q '^footprint ok$' <<<"$out" && grep -q '^mqtt ok' <<<"$out" ||
-        { echo "probe output incomplete: ${out: -300}"; return 1; }
+    echo "$out"
 }
 
 step_exchange() {
     local qemu=$1 bin=$2 t=$3
     local node="node-${t%%-*}"
     node=${node//_/-}
-    start_central || return 1
+    new_central "$work/central-$node" || return 1
     mkdir -p "$work/$node"
+    # Keys and trust both ways: the node (cross-built, under qemu) makes its key pair
+    # and lets central run exec; central accepts the node's results.
+    local node_key out
+    node_key=$(pubkey_of $qemu "$bin" keys gen --state-dir "$work/$node" --name "$node" 2>&1) ||
+        { echo "$node_key"; return 1; }
+    out=$($qemu "$bin" keys trust --state-dir "$work/$node" central "$central_key" --allow exec 2>&1) ||
+        { echo "node: keys trust central exited $?: $out"; return 1; }
+    out=$("$central_bin" keys trust --state-dir "$central_dir" "$node" "$node_key" 2>&1) ||
+        { echo "central: keys trust $node exited $?: $out"; return 1; }
+    start_central || return 1
     $qemu "$bin" agent --name "$node" --broker "$broker" --state-dir "$work/$node" \
         >"$work/$node.log" 2>&1 &
     local node_pid=$!
     pids+=("$node_pid")
     # Under qemu a mips agent takes a few seconds to open its store and connect.
-    wait_online "$node" 60 "$node_pid" || { echo "see $work/$node.log"; tail -n 5 "$work/$node.log"; return 1; }
-    local want="$node: exchange-ok-$t" out
-    out=$(timeout "$timeout_s" "$central_bin" send --state-dir "$work/central" --to "$node" \
-        exec -- echo "exchange-ok-$t" 2>&1) || { echo "send exited $?: ${out: -300}"; return 1; }
-    grep -qxF "$want" <<<"$out" || { echo "expected '$want', got: ${out: -300}"; return 1; }
+    wait_online "$node" 60 "$node_pid" || { echo "see $work/$node.log"; tail -n 5 "$work/$node.log"; stop_central; return 1; }
+    local want="$node: exchange-ok-$t" rc=0
+    out=$(timeout "$timeout_s" "$central_bin" send --state-dir "$central_dir" --to "$node" \
+        exec -- echo "exchange-ok-$t" 2>&1) || rc=$?
     kill "$node_pid" 2>/dev/null || true
+    stop_central
+    ((rc == 0)) || { echo "send exited $rc: ${out: -300}"; return 1; }
+    grep -qxF "$want" <<<"$out" || { echo "expected '$want', got: ${out: -300}"; return 1; }
+    echo "$out"
 }
 
 step_rss() {

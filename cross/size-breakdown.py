@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Code size per crate of an unstripped binary (from KEEP_SYMBOLS=1 cross/build-all.sh).
 
-    cross/size-breakdown.py target/dist/mipsel-unknown-linux-musl/footprint.syms
+    cross/size-breakdown.py target/dist/mipsel-unknown-linux-musl/outpost.syms
 
 Sums `nm --size-sort -S -C` sizes of text and read-only data symbols by the first
 crate named in each demangled symbol. With LTO, generic code is attributed to the

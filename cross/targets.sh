@@ -54,6 +54,42 @@ rustflags_of() {
     # Thumb-2 is about 20% smaller than ARM code; every ARMv7 core runs it.
     armv7-*) f="$f -C target-feature=+thumb-mode" ;;
     esac
+    f="$f $(time_cfg_of "$1")"
+    f="${f% }"
+    echo "${f# }"
+}
+
+# rustix on 32-bit mips (its libc backend: no stable inline asm there) assumes musl's
+# 64-bit time_t and passes its own Timespec/Itimerspec to libc by pointer cast, while
+# the libc crate (0.2, without --cfg libc_unstable_musl_v1_2) declares 32-bit time_t
+# and links the old names, which zig's musl 1.2 keeps as time32 shims. The shim reads
+# rustix's 32-byte itimerspec as a 16-byte one: it_value comes out 0, timerfd_settime
+# disarms the timer, and every smol/async-io Timer never fires. `--cfg fix_y2038`
+# switches rustix to its converting path (as rustix does itself for i686 musl), which
+# is right against musl 1.1 and 1.2 alike. The libc crate's musl 1.2 cfg is no fix:
+# big-endian musl puts the time64 timespec's padding before tv_nsec, rustix after.
+# ARM (armv7, armv6) is unaffected: rustix uses raw syscalls there.
+# Also for `cargo test` (cross/test-qemu.sh) and belongs in .cargo/config.toml.
+time_cfg_of() {
+    case $1 in
+    mips-* | mipsel-*) echo "--cfg fix_y2038" ;;
+    esac
+}
+
+# Flags for `cargo test` under qemu: those of .cargo/config.toml, the build-std link
+# flags for every nightly target (the config has them for mips only, so an armv7 or
+# armv6 test failed to link: "failed to open object crt1.o"), and the time cfg.
+# CARGO_TARGET_<T>_RUSTFLAGS replaces the config's flags, so they are all repeated.
+# Not immediate-abort: the test harness reports a failing test through a panic.
+test_rustflags_of() {
+    local f=""
+    # build-std has no self-contained crt objects (crt1.o): zig supplies them.
+    [[ $(route_of "$1") == nightly ]] && f="-C target-feature=+crt-static -C link-self-contained=no"
+    case $1 in
+    armv7-*) f="$f -C target-feature=+thumb-mode" ;;
+    esac
+    f="$f $(time_cfg_of "$1")"
+    f="${f% }"
     echo "${f# }"
 }
 

@@ -6,8 +6,9 @@
 #   cross/test-qemu.sh armv7 mipsel       # others
 #   cross/test-qemu.sh mips -- frame::    # arguments after -- go to the test binary
 #
-# Runners (qemu-*-static with the right -cpu) and per-target flags come from
-# .cargo/config.toml; binfmt_misc is not needed. Build-std targets compile std for
+# Runners (qemu-*-static with the right -cpu) come from .cargo/config.toml; binfmt_misc
+# is not needed. Per-target flags are the config's plus the mips time cfg
+# (test_rustflags_of in cross/targets.sh). Build-std targets compile std for
 # the test profile too, so the first run per target takes a few minutes.
 set -euo pipefail
 
@@ -45,7 +46,11 @@ for t in "${selected[@]}"; do
     start=$SECONDS
     set +e
     # `cargo zigbuild` only builds; the test subcommand is cargo-zigbuild's own.
-    RUSTUP_TOOLCHAIN=$toolchain nice -n 19 cargo-zigbuild test --locked --lib --target "$t" \
+    upper=$(tr 'a-z-' 'A-Z_' <<<"$t")
+    flags=$(test_rustflags_of "$t")
+    say "RUSTFLAGS for $t: ${flags:-none}"
+    env "CARGO_TARGET_${upper}_RUSTFLAGS=$flags" \
+        RUSTUP_TOOLCHAIN=$toolchain nice -n 19 cargo-zigbuild test --locked --lib --target "$t" \
         "${extra[@]}" -- "$@" 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
     set -e

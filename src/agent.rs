@@ -318,6 +318,8 @@ impl Agent {
     fn drive(&mut self) {
         let now = now_ms();
         self.retry_at = None;
+        // Before sealing anything: a peer trusted a moment ago is sealable now.
+        self.refresh_trust();
         if let Err(e) = self.run_ready(now) {
             error!("cannot take runnable work: {e}");
         }

@@ -28,7 +28,7 @@ fi
 command -v dpkg-deb >/dev/null || { say "installing dpkg"; apt-get install -y dpkg >/dev/null; }
 
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
-    FOOTPRINT=0 "$root/cross/build-all.sh" "$target"
+    "$root/cross/build-all.sh" "$target"
 fi
 # cargo-deb takes the binary from $CARGO_TARGET_DIR/<target>/release/outpost; stage
 # the checked, stripped one from target/dist there (a KEEP_SYMBOLS build leaves an

@@ -45,7 +45,7 @@ mod tests;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -193,7 +193,7 @@ pub enum LinkEvent {
 /// Permission to PUBACK one received message; only valid on the connection it came on.
 #[derive(Debug)]
 pub struct AckToken {
-    epoch: u64,
+    epoch: u32,
     pkid: u16,
 }
 
@@ -238,7 +238,8 @@ struct Inner {
 struct Shared {
     connected: AtomicBool,
     /// Bumped on every connect and every loss, so acks from an old connection are void.
-    epoch: AtomicU64,
+    /// Only compared for equality: 32 bits, which 32-bit MIPS has as an atomic.
+    epoch: AtomicU32,
 }
 
 impl Link {
@@ -255,7 +256,7 @@ impl Link {
             .map_err(LinkError::Thread)?;
         let shared = Arc::new(Shared {
             connected: AtomicBool::new(false),
-            epoch: AtomicU64::new(0),
+            epoch: AtomicU32::new(0),
         });
         let (event_tx, event_rx) = smol::channel::bounded(EVENT_CAPACITY);
         // Unbounded but small: we hold at most the broker's in-flight window of
