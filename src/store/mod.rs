@@ -684,12 +684,18 @@ impl Store {
         Ok(out)
     }
 
-    /// Per stream: outbox depth and the creation time of its oldest frame is not
-    /// stored separately, so report the oldest unacknowledged sequence number.
+    /// Per stream: frames waiting in the outbox (not yet acknowledged).
     pub fn outbox_depths(&self) -> Result<Vec<(Name, Lane, u64)>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT peer, lane, COUNT(*) FROM outbox GROUP BY peer, lane")?;
+        self.depths("SELECT peer, lane, COUNT(*) FROM outbox GROUP BY peer, lane")
+    }
+
+    /// Per stream: received frames waiting for their turn.
+    pub fn inbox_depths(&self) -> Result<Vec<(Name, Lane, u64)>, StoreError> {
+        self.depths("SELECT peer, lane, COUNT(*) FROM inbox GROUP BY peer, lane")
+    }
+
+    fn depths(&self, sql: &str) -> Result<Vec<(Name, Lane, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -725,26 +731,6 @@ impl Store {
             if let Ok(env) = frame::decode(&bytes) {
                 out.push((name(&p)?, lane_of(&l)?, env.created_ms));
             }
-        }
-        Ok(out)
-    }
-
-    /// Per stream: received frames waiting for their turn.
-    pub fn inbox_depths(&self) -> Result<Vec<(Name, Lane, u64)>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT peer, lane, COUNT(*) FROM inbox GROUP BY peer, lane")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (p, l, n) = row?;
-            out.push((name(&p)?, lane_of(&l)?, n as u64));
         }
         Ok(out)
     }
