@@ -10,9 +10,9 @@
 #                                      # cross/size-breakdown.sh, strip with binutils
 #
 # Routes (see cross/README.md for why):
-#   x86_64, aarch64          stable, prebuilt std, cargo-zigbuild as linker and C compiler
-#   armv7, armv6, mipsel,    nightly -Zbuild-std (no prebuilt musl std), cargo-zigbuild,
-#   mips                     -Cpanic=immediate-abort; armv7 also compiled as Thumb-2
+#   x86_64                   stable, prebuilt std, cargo-zigbuild as linker and C compiler
+#   aarch64, armv7, armv6,   nightly -Zbuild-std (no prebuilt musl std, or for size),
+#   mipsel, mips             cargo-zigbuild, -Cpanic=immediate-abort; armv7 also Thumb-2
 #
 # Outputs: target/dist/<triple>/outpost, target/dist/sizes.tsv.
 # Builds run one target at a time under `nice -n 19`: the machine is shared.
