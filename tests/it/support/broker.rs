@@ -23,6 +23,8 @@ pub struct Broker {
     child: Option<Child>,
     port: u16,
     extra: String,
+    /// Whether the test defaults (no persistence, queue limit raised) are written.
+    test_defaults: bool,
     /// Incarnations started so far; names the next log file.
     n_starts: u32,
     dir: TempDir,
@@ -40,10 +42,22 @@ impl Broker {
     /// Panics if mosquitto is missing or does not come up; the panic message
     /// carries the broker's log.
     pub fn start_with_config(extra: &str) -> Broker {
+        Broker::start_inner(extra, true)
+    }
+
+    /// Starts a broker whose config is only the listener, logging and `extra`:
+    /// mosquitto's own defaults for persistence and queue limits (benchmarks
+    /// compare against a stock mosquitto).
+    pub fn start_stock(extra: &str) -> Broker {
+        Broker::start_inner(extra, false)
+    }
+
+    fn start_inner(extra: &str, test_defaults: bool) -> Broker {
         let mut broker = Broker {
             child: None,
             port: 0,
             extra: extra.to_owned(),
+            test_defaults,
             n_starts: 0,
             dir: TempDir::new(),
         };
@@ -249,10 +263,8 @@ impl Broker {
             "# written by tests/it/support/broker.rs\n\
              listener {port} 127.0.0.1\n\
              allow_anonymous true\n\
-             persistence false\n\
              {user}\
-             # the stock limit of 1000 drops messages under test load\n\
-             max_queued_messages 100000\n\
+             {defaults}\
              set_tcp_nodelay true\n\
              log_dest file {log}\n\
              log_type error\n\
@@ -266,6 +278,13 @@ impl Broker {
              {extra}\n",
             port = self.port,
             user = if as_root { "user root\n" } else { "" },
+            defaults = if self.test_defaults {
+                "persistence false\n\
+                 # the stock limit of 1000 drops messages under test load\n\
+                 max_queued_messages 100000\n"
+            } else {
+                ""
+            },
             log = log_path.display(),
             extra = self.extra,
         )

@@ -1,0 +1,239 @@
+//! The real `outpost` binary as tests and benchmarks drive it: agents with their own
+//! state directories, the CLI, and the key exchange that lets two agents trust
+//! each other.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use outpost::control::{Client, CommandSpec, Request};
+
+use super::KillOnDrop;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_outpost");
+const LONG: Duration = Duration::from_secs(120);
+
+/// One `outpost agent` process with its own state directory.
+pub struct Agent {
+    pub name: String,
+    pub dir: PathBuf,
+    broker_url: String,
+    extra: Vec<String>,
+    proc: Option<KillOnDrop>,
+    n_starts: u32,
+}
+
+impl Agent {
+    pub fn start_with(name: &str, broker_url: &str, base: &Path, extra: &[&str]) -> Agent {
+        let mut a = Agent {
+            name: name.into(),
+            dir: base.join(name),
+            broker_url: broker_url.into(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            proc: None,
+            n_starts: 0,
+        };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        self.n_starts += 1;
+        let log =
+            std::fs::File::create(self.dir.join(format!("agent-{}.log", self.n_starts))).unwrap();
+        let child = Command::new(BIN)
+            .args(["agent", "--name", &self.name, "--broker", &self.broker_url])
+            .arg("--state-dir")
+            .arg(&self.dir)
+            .args(self.defaults())
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn outpost agent");
+        self.proc = Some(KillOnDrop(child));
+        let dir = self.dir.clone();
+        let up = super::try_wait_for(LONG, || {
+            if let Ok(Some(status)) = self.proc.as_mut().unwrap().0.try_wait() {
+                panic!(
+                    "agent {} exited at start ({status}):\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            Client::connect(&dir)
+                .and_then(|mut c| c.call(&Request::Status, Duration::from_secs(10)))
+                .ok()
+        });
+        if up.is_none() {
+            panic!(
+                "agent {} did not answer on its control socket:\n{}",
+                self.name,
+                self.log()
+            );
+        }
+    }
+
+    /// Test defaults (quick reconnects, debug log) for the flags `extra` leaves out.
+    fn defaults(&self) -> Vec<&'static str> {
+        let mut flags = Vec::new();
+        for (flag, value) in [
+            ("--backoff-cap", "1s"),
+            ("--keepalive", "5s"),
+            ("--log-level", "debug"),
+        ] {
+            if !self.extra.iter().any(|e| e == flag) {
+                flags.extend([flag, value]);
+            }
+        }
+        flags
+    }
+
+    /// The last lines of this agent's current log.
+    pub fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join(format!("agent-{}.log", self.n_starts)))
+            .unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// SIGKILL, then start again on the same state directory.
+    pub fn kill9_and_restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let _ = p.0.kill();
+            let _ = p.0.wait();
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().unwrap().0.id()
+    }
+
+    pub fn call(&self, req: &Request) -> Value {
+        Client::connect(&self.dir)
+            .and_then(|mut c| c.call(req, Duration::from_secs(60)))
+            .expect("control call")
+    }
+
+    pub fn status(&self) -> Value {
+        self.call(&Request::Status)
+    }
+
+    pub fn sees_online(&self, peer: &str) -> bool {
+        self.status()["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == peer && p["online"] == true)
+    }
+
+    /// Runs the CLI against this agent.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("OUTPOST_STATE_DIR", &self.dir)
+            .output()
+            .expect("run outpost")
+    }
+
+    /// Queues an exec and returns the job id.
+    pub fn send_exec(&self, to: &str, lane: &str, argv: &[&str], ttl_s: Option<u32>) -> i64 {
+        let req = Request::Send {
+            to: to.into(),
+            lane: Some(lane.into()),
+            ttl_s,
+            command: CommandSpec::Exec {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                env: vec![],
+                cwd: None,
+                stdin: String::new(),
+                timeout_ms: Some(60_000),
+                rerun: false,
+            },
+        };
+        self.call(&req)["job"].as_i64().unwrap()
+    }
+
+    pub fn job(&self, id: i64) -> Value {
+        self.call(&Request::Job { id })["job"].clone()
+    }
+
+    /// Jobs whose single target has a result, as (job id, result id, status, stdout).
+    pub fn results(&self, limit: u32) -> Vec<(i64, i64, String, String)> {
+        let jobs = self.call(&Request::Jobs { limit: Some(limit) })["jobs"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let mut out = Vec::new();
+        for j in jobs {
+            let t = &j["targets"][0];
+            if !t["result"].is_null() {
+                out.push((
+                    j["id"].as_i64().unwrap(),
+                    t["result_id"].as_i64().unwrap(),
+                    t["result"]["status"].as_str().unwrap().to_string(),
+                    t["result"]["stdout"].as_str().unwrap().to_string(),
+                ));
+            }
+        }
+        out.sort_by_key(|r| r.0);
+        out
+    }
+
+    /// Peak resident set size so far, from /proc.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+}
+
+/// Runs the CLI with no agent behind it (keys, config).
+pub fn outpost(args: &[&str]) -> Output {
+    let out = Command::new(BIN).args(args).output().expect("run outpost");
+    assert!(out.status.success(), "outpost {args:?}: {out:?}");
+    out
+}
+
+/// Gives `operator` and `node` key pairs and makes each trust the other: the node
+/// lets the operator use `allow`, the operator accepts the node's results.
+pub fn introduce(base: &Path, operator: &str, node: &str, allow: &str) {
+    let mut lines = Vec::new();
+    for name in [operator, node] {
+        let dir = base.join(name);
+        let dir = dir.to_str().unwrap();
+        let out = outpost(&["keys", "gen", "--state-dir", dir, "--name", name]);
+        lines.push(String::from_utf8(out.stdout).unwrap());
+    }
+    let key = |line: &str| line.split_whitespace().nth(1).unwrap().to_string();
+    let (op_key, node_key) = (key(&lines[0]), key(&lines[1]));
+    let node_dir = base.join(node);
+    let op_dir = base.join(operator);
+    outpost(&[
+        "keys",
+        "trust",
+        "--state-dir",
+        node_dir.to_str().unwrap(),
+        operator,
+        &op_key,
+        "--allow",
+        allow,
+    ]);
+    outpost(&[
+        "keys",
+        "trust",
+        "--state-dir",
+        op_dir.to_str().unwrap(),
+        node,
+        &node_key,
+    ]);
+}
