@@ -33,6 +33,8 @@ mod agent_files;
 /// A command still running this long after it started is announced to its sender,
 /// so `outpost jobs` can say `running`; quicker ones cost no extra bytes.
 const STARTED_AFTER_MS: u64 = 1_000;
+/// Most frames taken into one store batch (one commit) by `run_ready`.
+const BATCH_MAX: usize = 256;
 
 /// Default command timeout when the sender gives none.
 pub const DEFAULT_TIMEOUT_MS: u32 = 60_000;
@@ -266,7 +268,13 @@ impl Agent {
                     return;
                 }
             };
-            match self.node.on_payload(&sender, &plain, now) {
+            let (packed, bad) = frame::expand(&plain, &sender, &self.cfg.name);
+            if let Some(e) = bad {
+                // Authentic but not understood (a newer or broken peer): keep the
+                // whole frames before the fault; the sender resends the rest.
+                self.reject(&format!("bad payload from {sender}"), &e.to_string());
+            }
+            match self.node.on_payload(&sender, &packed, now) {
                 Ok(report) => {
                     for why in &report.rejected {
                         warn!("rejected frame: {why}");
@@ -337,7 +345,11 @@ impl Agent {
                     if refused.contains(&p.to) {
                         continue;
                     }
-                    let sealed = match self.seal_for(&p.to, &p.bytes) {
+                    let wire = frame::compact(&p.bytes, &self.cfg.name, &p.to);
+                    let sealed = match wire
+                        .map_err(|e| e.to_string())
+                        .and_then(|w| self.seal_for(&p.to, &w))
+                    {
                         Ok(b) => b,
                         Err(e) => {
                             self.reject(&format!("cannot seal for {}", p.to), &e);
@@ -370,8 +382,42 @@ impl Agent {
         self.answer_waiters();
     }
 
+    /// Takes everything runnable, in one store batch (`Store::begin_batch`)
+    /// committed every [`BATCH_MAX`] frames and before anything acts outside the
+    /// store: a burst of pings or of received results costs a few commits, not one
+    /// per frame.
     fn run_ready(&mut self, now: u64) -> Result<(), StoreError> {
+        self.node.store_mut().begin_batch()?;
+        let taken = self.run_ready_batched(now);
+        let committed = self.end_batch();
+        taken.and(committed)
+    }
+
+    /// Commits the open batch. If that fails, the store rolled it back: derived
+    /// delivery state is rebuilt from the store.
+    fn end_batch(&mut self) -> Result<(), StoreError> {
+        let r = self.node.store_mut().end_batch();
+        if r.is_err() {
+            if let Err(e) = self.node.sync_streams() {
+                error!("cannot reload delivery state: {e}");
+            }
+        }
+        r
+    }
+
+    /// Commits the batch so far and opens the next one.
+    fn flush_batch(&mut self) -> Result<(), StoreError> {
+        self.end_batch()?;
+        self.node.store_mut().begin_batch()
+    }
+
+    fn run_ready_batched(&mut self, now: u64) -> Result<(), StoreError> {
+        let mut in_batch = 0;
         loop {
+            if in_batch >= BATCH_MAX {
+                self.flush_batch()?;
+                in_batch = 0;
+            }
             let (ready, corrupt) = self.node.runnable(now)?;
             for c in corrupt {
                 error!("{c}");
@@ -386,6 +432,7 @@ impl Agent {
                 if self.running.contains_key(&key) {
                     continue;
                 }
+                in_batch += 1;
                 match &inbound.env.body {
                     Body::Command(cmd) => {
                         let cmd = cmd.clone();
@@ -415,6 +462,8 @@ impl Agent {
                     | Body::FileStatus { .. }
                     | Body::FileRequest { .. } => {
                         self.on_file_frame(&inbound, now)?;
+                        // A finished file is already moved into place: commit now.
+                        self.flush_batch()?;
                         consumed = true;
                     }
                     Body::Started { seq } => {
@@ -459,6 +508,8 @@ impl Agent {
             }
             Command::Exec(e) => {
                 self.node.start(&inbound, now)?;
+                // Journalled as running before it runs: a crash cannot run it twice.
+                self.flush_batch()?;
                 self.running.insert(key, ("exec", now, false));
                 let spec = exec_spec(&e, self.cfg.output_cap as usize);
                 let tx = self.tx.clone();
@@ -473,6 +524,7 @@ impl Agent {
             }
             Command::HttpGet(h) => {
                 self.node.start(&inbound, now)?;
+                self.flush_batch()?;
                 self.running.insert(key, ("http-get", now, false));
                 let tx = self.tx.clone();
                 smol::spawn(async move {

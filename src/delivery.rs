@@ -28,6 +28,11 @@ pub struct DeliveryConfig {
     /// When an offline peer returns, frames that were in flight get this long to be
     /// acknowledged (its broker session usually redelivers them) before we resend.
     pub online_grace_ms: u64,
+    /// A held stream (more results are about to follow, see [`Event::Hold`]) waits
+    /// at most this long, or until this many frames are unsent, so that they share
+    /// payloads instead of each paying for a seal and an MQTT header.
+    pub hold_ms: u64,
+    pub hold_max: u64,
 }
 
 impl Default for DeliveryConfig {
@@ -40,6 +45,8 @@ impl Default for DeliveryConfig {
             rto_min_ms: 10_000,
             rto_max_ms: 600_000,
             online_grace_ms: 3_000,
+            hold_ms: 100,
+            hold_max: 32,
         }
     }
 }
@@ -66,6 +73,18 @@ pub enum Event {
         lane: Lane,
         first_seq: u64,
         last_seq: u64,
+    },
+    /// More frames for this stream are about to be queued (the receiver's commands
+    /// that produce them are waiting to run): hold what is unsent for a little while
+    /// (`hold_ms`, `hold_max`). A stream already held keeps its first deadline.
+    Hold {
+        peer: Name,
+        lane: Lane,
+    },
+    /// Nothing more is about to follow: send what the stream holds now.
+    Release {
+        peer: Name,
+        lane: Lane,
     },
     /// The peer acknowledged frames up to `upto`.
     Acked {
@@ -111,6 +130,8 @@ struct Out {
     rto_ms: u64,
     /// Resend when this passes with frames still unacknowledged.
     deadline_ms: Option<u64>,
+    /// Held (see [`Event::Hold`]): unsent frames wait until this time.
+    hold_until_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -187,8 +208,19 @@ impl Delivery {
                     sent: first_seq.saturating_sub(1),
                     rto_ms,
                     deadline_ms: None,
+                    hold_until_ms: None,
                 });
                 s.last = s.last.max(last_seq);
+            }
+            Event::Hold { peer, lane } => {
+                if let Some(s) = self.out.get_mut(&(peer, lane)) {
+                    s.hold_until_ms.get_or_insert(now_ms + self.cfg.hold_ms);
+                }
+            }
+            Event::Release { peer, lane } => {
+                if let Some(s) = self.out.get_mut(&(peer, lane)) {
+                    s.hold_until_ms = None;
+                }
             }
             Event::Acked { peer, lane, upto } => {
                 self.heard_from(&peer, now_ms);
@@ -240,23 +272,6 @@ impl Delivery {
         if !self.connected {
             return actions;
         }
-        let due: Vec<Key> = self
-            .acks
-            .iter()
-            .filter(|(_, a)| {
-                a.now || a.n >= self.cfg.ack_every || now_ms >= a.since_ms + self.cfg.ack_delay_ms
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in due {
-            if let Some(a) = self.acks.remove(&key) {
-                actions.push(Action::SendAck {
-                    peer: key.0,
-                    lane: key.1,
-                    upto: a.upto,
-                });
-            }
-        }
         let mut sends: Vec<(LaneClass, Action)> = Vec::new();
         for ((peer, lane), s) in self.out.iter_mut() {
             let offline = self.presence.get(peer) == Some(&Presence::Offline);
@@ -280,6 +295,17 @@ impl Delivery {
                 self.cfg.window
             };
             let limit = s.last.min(s.acked + window);
+            if let Some(until) = s.hold_until_ms {
+                // Hold while everything queued fits the window and is too little
+                // to fill a payload; a full window would only be held up.
+                if now_ms < until
+                    && s.last <= limit
+                    && s.last - s.sent.min(limit) < self.cfg.hold_max
+                {
+                    continue;
+                }
+                s.hold_until_ms = None;
+            }
             if s.sent < limit {
                 sends.push((
                     lane.class(),
@@ -294,6 +320,36 @@ impl Delivery {
                 if s.deadline_ms.is_none() {
                     s.deadline_ms = Some(now_ms + s.rto_ms);
                 }
+            }
+        }
+        // An ack that is not due yet rides along when frames go to its peer anyway:
+        // the payload is being sealed and published regardless, the ack costs a few
+        // bytes inside it instead of a payload of its own later.
+        let sending: Vec<&Name> = sends
+            .iter()
+            .filter_map(|(_, a)| match a {
+                Action::Send { peer, .. } => Some(peer),
+                Action::SendAck { .. } => None,
+            })
+            .collect();
+        let due: Vec<Key> = self
+            .acks
+            .iter()
+            .filter(|(k, a)| {
+                a.now
+                    || a.n >= self.cfg.ack_every
+                    || now_ms >= a.since_ms + self.cfg.ack_delay_ms
+                    || sending.contains(&&k.0)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            if let Some(a) = self.acks.remove(&key) {
+                actions.push(Action::SendAck {
+                    peer: key.0,
+                    lane: key.1,
+                    upto: a.upto,
+                });
             }
         }
         sends.sort_by_key(|(class, _)| *class);
@@ -322,7 +378,15 @@ impl Delivery {
                 _ => None,
             }
         });
-        acks.chain(resends).min()
+        // Held frames go when the hold ends.
+        let holds = self
+            .out
+            .iter()
+            .filter(|((peer, _), s)| {
+                s.sent < s.last && self.presence.get(peer) != Some(&Presence::Offline)
+            })
+            .filter_map(|(_, s)| s.hold_until_ms);
+        acks.chain(resends).chain(holds).min()
     }
 
     /// Any frame from a peer proves it is online. Frames it has not been sent go
@@ -529,6 +593,96 @@ mod tests {
             2,
         );
         assert_eq!(d.poll(2), vec![]);
+    }
+
+    #[test]
+    fn a_held_stream_waits_for_more_frames_until_its_limits_or_a_release() {
+        let cfg = DeliveryConfig::default();
+        let mut d = Delivery::new(cfg.clone());
+        d.handle(Event::Connected, 0);
+        let queue = |d: &mut Delivery, seq: u64, now: u64| {
+            d.handle(
+                Event::Enqueued {
+                    peer: n("a"),
+                    lane: l("ordered"),
+                    first_seq: seq,
+                    last_seq: seq,
+                },
+                now,
+            );
+            d.handle(
+                Event::Hold {
+                    peer: n("a"),
+                    lane: l("ordered"),
+                },
+                now,
+            );
+        };
+        queue(&mut d, 1, 0);
+        queue(&mut d, 2, 10);
+        assert_eq!(d.poll(10), vec![]);
+        // The first hold's deadline stands; later holds do not push it out.
+        assert_eq!(d.next_wakeup(), Some(cfg.hold_ms));
+        assert_eq!(d.poll(cfg.hold_ms), vec![send("a", "ordered", 1, 2)]);
+        // Held again, until enough frames are waiting to fill a payload.
+        for seq in 3..3 + cfg.hold_max {
+            queue(&mut d, seq, 200);
+        }
+        assert_eq!(d.poll(200), vec![send("a", "ordered", 3, 2 + cfg.hold_max)]);
+        // A release sends at once.
+        let next = 3 + cfg.hold_max;
+        queue(&mut d, next, 300);
+        assert_eq!(d.poll(300), vec![]);
+        d.handle(
+            Event::Release {
+                peer: n("a"),
+                lane: l("ordered"),
+            },
+            301,
+        );
+        assert_eq!(d.poll(301), vec![send("a", "ordered", next, next)]);
+    }
+
+    #[test]
+    fn an_ack_not_yet_due_rides_with_frames_to_the_same_peer_only() {
+        let mut d = connected();
+        for peer in ["a", "b"] {
+            d.handle(
+                Event::Received {
+                    peer: n(peer),
+                    lane: l("ordered"),
+                    watermark: 1,
+                    duplicate: false,
+                },
+                0,
+            );
+        }
+        assert_eq!(d.poll(1), vec![], "neither ack is due yet");
+        // A result for `a` is queued: its ack goes in the same poll, `b`'s waits.
+        d.handle(
+            Event::Enqueued {
+                peer: n("a"),
+                lane: l("ordered"),
+                first_seq: 1,
+                last_seq: 1,
+            },
+            2,
+        );
+        assert_eq!(
+            d.poll(2),
+            vec![
+                Action::SendAck {
+                    peer: n("a"),
+                    lane: l("ordered"),
+                    upto: 1
+                },
+                send("a", "ordered", 1, 1)
+            ]
+        );
+        assert_eq!(
+            d.next_wakeup(),
+            Some(DeliveryConfig::default().ack_delay_ms)
+        );
     }
 
     #[test]

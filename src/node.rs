@@ -325,6 +325,15 @@ impl Node {
     ) -> Result<Queued, StoreError> {
         let queued = self.store.finish(cmd, method_of(cmd), result, now_ms)?;
         self.note_queued(std::slice::from_ref(&queued), now_ms);
+        // More commands of this stream waiting means more results shortly: let
+        // them share a payload (bounded by the delivery's hold limits).
+        let (peer, lane) = (queued.to.clone(), queued.lane.clone());
+        let event = if self.store.waiting(&peer, &lane)? {
+            Event::Hold { peer, lane }
+        } else {
+            Event::Release { peer, lane }
+        };
+        self.delivery.handle(event, now_ms);
         Ok(queued)
     }
 

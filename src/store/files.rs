@@ -106,7 +106,7 @@ impl Store {
             ttl_s: None,
             body: Body::FileOffer(offer.clone()),
         };
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         tx.execute(
             "INSERT INTO transfers (direction, peer, file_id, path, size, sha256, chunk_size, n_chunks, next_chunk,
                                     state, reason, started_ms, updated_ms, expires_ms)
@@ -237,7 +237,7 @@ impl Store {
                 },
             })
             .collect();
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let (queued, added) = enqueue_in(&tx, &self.me, &items, now_ms)?;
         if self.used + added > self.quota {
             drop(tx);
@@ -278,7 +278,7 @@ impl Store {
                 reason: reason.to_string(),
             },
         };
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         if let Some((offer, part)) = incoming {
             let n_chunks = offer.size.div_ceil(u64::from(offer.chunk_size.max(1))) as i64;
             let st = if state == FileState::Have {
@@ -326,7 +326,7 @@ impl Store {
         index: u32,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let n = tx.execute(
             "INSERT OR IGNORE INTO file_chunks (transfer, idx) VALUES (?1, ?2)",
             params![transfer, index],
@@ -364,7 +364,7 @@ impl Store {
             FileState::Done => "done",
             _ => "failed",
         };
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         tx.execute(
             "UPDATE transfers SET state = ?2, reason = ?3, updated_ms = ?4 WHERE id = ?1",
             params![t.id, st, reason, now_ms as i64],
@@ -394,7 +394,7 @@ impl Store {
     /// Records that a command we sent is running on its node, and consumes the notice.
     pub fn record_started(&mut self, inbound: &Inbound, seq: u64) -> Result<(), StoreError> {
         let env = &inbound.env;
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         tx.execute(
             "UPDATE job_targets SET state = 'running'
              WHERE node = ?1 AND lane = ?2 AND seq = ?3 AND state IN ('queued', 'delivered')",
@@ -408,7 +408,7 @@ impl Store {
 
     /// Consumes a frame that needs no answer (a file status for our transfer).
     pub fn consume(&mut self, inbound: &Inbound) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let freed = consume_in(&tx, &inbound.env)?;
         tx.commit()?;
         self.used -= freed;

@@ -15,7 +15,7 @@ pub use files::{bulk_lane, control_lane, HeldFile, Transfer};
 
 use std::path::Path;
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::frame::{self, Body, CmdResult, Envelope, FrameError, Lane, Name, Status};
 
@@ -167,6 +167,9 @@ pub struct Store {
     quota: u64,
     /// Bytes of frames in outbox and inbox; kept in step with every commit.
     used: u64,
+    /// A batch is open: the operations' own savepoints nest inside it and nothing
+    /// is committed until [`Store::end_batch`].
+    batch: bool,
 }
 
 impl Store {
@@ -187,18 +190,49 @@ impl Store {
             return Err(StoreError::TooNew(version, schema::latest()));
         }
         schema::migrate(&mut conn)?;
-        let used: i64 = conn.query_row(
-            "SELECT (SELECT COALESCE(SUM(length(frame)), 0) FROM outbox)
-                  + (SELECT COALESCE(SUM(length(frame)), 0) FROM inbox)",
-            [],
-            |r| r.get(0),
-        )?;
+        let used = bytes_held(&conn)?;
         Ok(Store {
             conn,
             me: me.clone(),
             quota: cfg.quota_bytes,
-            used: used as u64,
+            used,
+            batch: false,
         })
+    }
+
+    /// Opens a batch: every change until [`Store::end_batch`] shares one commit
+    /// (one WAL append and, with durability `full`, one fsync), which is what
+    /// keeps bytes written per message small when many small frames are handled
+    /// together. Each operation stays atomic on its own: a failing one rolls back
+    /// to its own savepoint and leaves the batch intact. Nothing outside the store
+    /// may act on a batched change (run a command, send a frame, answer a client)
+    /// before the batch is committed. Does nothing if a batch is open.
+    pub fn begin_batch(&mut self) -> Result<(), StoreError> {
+        if !self.batch {
+            self.conn.execute_batch("SAVEPOINT batch")?;
+            self.batch = true;
+        }
+        Ok(())
+    }
+
+    /// Commits the open batch, if any. If the commit fails (a full disk), the
+    /// whole batch is rolled back and the byte count re-read; the caller must then
+    /// resynchronise whatever it derived from the batched operations.
+    pub fn end_batch(&mut self) -> Result<(), StoreError> {
+        if !self.batch {
+            return Ok(());
+        }
+        self.batch = false;
+        match self.conn.execute_batch("RELEASE batch") {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if !self.conn.is_autocommit() {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
+                self.used = bytes_held(&self.conn)?;
+                Err(e.into())
+            }
+        }
     }
 
     pub fn me(&self) -> &Name {
@@ -217,7 +251,7 @@ impl Store {
         items: Vec<Outgoing>,
         now_ms: u64,
     ) -> Result<Vec<Queued>, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let (queued, added) = enqueue_in(&tx, &self.me, &items, now_ms)?;
         if self.used + added > self.quota {
             drop(tx);
@@ -298,7 +332,7 @@ impl Store {
                         },
                     };
                     let replacement = frame::encode(&lost)?;
-                    let tx = self.conn.transaction()?;
+                    let tx = self.conn.savepoint()?;
                     quarantine(&tx, now_ms, "outbox", peer, lane, seq, &error, &bytes)?;
                     tx.execute(
                         "UPDATE outbox SET frame = ?4 WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
@@ -323,7 +357,7 @@ impl Store {
     /// Applies a cumulative acknowledgement; returns how many frames it freed.
     /// An ack past what was ever sent is clamped (it cannot free the future).
     pub fn apply_ack(&mut self, peer: &Name, lane: &Lane, upto: u64) -> Result<u64, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let last: Option<i64> = tx
             .query_row(
                 "SELECT last_seq FROM out_streams WHERE peer = ?1 AND lane = ?2",
@@ -360,7 +394,7 @@ impl Store {
     /// a gap are held, the watermark advances over every contiguous frame.
     /// `frames` must be sequenced frames addressed to this node.
     pub fn receive(&mut self, frames: &[(Envelope, &[u8])]) -> Result<Vec<Receipt>, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let mut receipts = Vec::with_capacity(frames.len());
         let mut added = 0u64;
         for (env, bytes) in frames {
@@ -483,7 +517,7 @@ impl Store {
             ttl_s: None,
             body: Body::Result(result),
         };
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         tx.execute(
             "INSERT INTO journal (peer, lane, seq, state, method, started_ms, finished_ms, status)
              VALUES (?1, ?2, ?3, 'done', ?4, ?5, ?5, ?6)
@@ -513,7 +547,7 @@ impl Store {
             _ => return Err(StoreError::Invalid("record_result takes results".into())),
         };
         let bytes = frame::encode(env)?;
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let n = tx.execute(
             "INSERT OR IGNORE INTO results (peer, lane, seq, at_ms, frame) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
@@ -545,7 +579,7 @@ impl Store {
         items: Vec<Outgoing>,
         now_ms: u64,
     ) -> Result<(i64, Vec<Queued>), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let (queued, added) = enqueue_in(&tx, &self.me, &items, now_ms)?;
         if self.used + added > self.quota {
             drop(tx);
@@ -689,6 +723,14 @@ impl Store {
         self.depths("SELECT peer, lane, COUNT(*) FROM outbox GROUP BY peer, lane")
     }
 
+    /// Whether frames of this stream are waiting in the inbox.
+    pub fn waiting(&self, peer: &Name, lane: &Lane) -> Result<bool, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM inbox WHERE peer = ?1 AND lane = ?2)")?;
+        Ok(stmt.query_row(params![peer.as_str(), lane.as_str()], |r| r.get(0))?)
+    }
+
     /// Per stream: received frames waiting for their turn.
     pub fn inbox_depths(&self) -> Result<Vec<(Name, Lane, u64)>, StoreError> {
         self.depths("SELECT peer, lane, COUNT(*) FROM inbox GROUP BY peer, lane")
@@ -744,7 +786,7 @@ impl Store {
         now_ms: u64,
     ) -> Result<(), StoreError> {
         let env = &inbound.env;
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         tx.execute(
             "INSERT INTO events (at_ms, peer, lane, seq, text) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
@@ -884,7 +926,7 @@ impl Store {
                 reason: format!("frame was corrupt in the receiver's store: {error}"),
             },
         };
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         quarantine(&tx, now_ms, "inbox", peer, lane, seq, error, bytes)?;
         tx.execute(
             "DELETE FROM inbox WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
@@ -927,7 +969,7 @@ impl Store {
         peer: &Name,
         n: u64,
     ) -> Result<std::ops::Range<u64>, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let start: i64 = tx
             .query_row(
                 "SELECT reserved FROM seal_out WHERE peer = ?1",
@@ -1039,7 +1081,7 @@ fn watermark(conn: &Connection, peer: &Name, lane: &Lane) -> rusqlite::Result<u6
 
 /// Numbers and writes frames inside `tx`; returns where they went and the bytes added.
 fn enqueue_in(
-    tx: &Transaction,
+    tx: &Connection,
     me: &Name,
     items: &[Outgoing],
     now_ms: u64,
@@ -1078,7 +1120,7 @@ fn enqueue_in(
 }
 
 fn receive_one(
-    tx: &Transaction,
+    tx: &Connection,
     env: &Envelope,
     bytes: &[u8],
     used: u64,
@@ -1131,7 +1173,7 @@ fn receive_one(
 }
 
 /// Deletes a consumed inbox frame; returns the bytes freed.
-fn consume_in(tx: &Transaction, env: &Envelope) -> Result<u64, StoreError> {
+fn consume_in(tx: &Connection, env: &Envelope) -> Result<u64, StoreError> {
     let key = params![env.from.as_str(), env.lane.as_str(), env.seq as i64];
     let len: Option<i64> = tx
         .query_row(
@@ -1177,7 +1219,7 @@ fn matching(
 
 #[allow(clippy::too_many_arguments)]
 fn quarantine(
-    tx: &Transaction,
+    tx: &Connection,
     now_ms: u64,
     place: &str,
     peer: &Name,
@@ -1195,3 +1237,14 @@ fn quarantine(
 
 #[cfg(test)]
 mod tests;
+
+/// Bytes of frames in outbox and inbox, as the quota counts them.
+fn bytes_held(conn: &Connection) -> Result<u64, StoreError> {
+    let used: i64 = conn.query_row(
+        "SELECT (SELECT COALESCE(SUM(length(frame)), 0) FROM outbox)
+              + (SELECT COALESCE(SUM(length(frame)), 0) FROM inbox)",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(used as u64)
+}

@@ -356,3 +356,36 @@ fn migrations_set_user_version_and_a_newer_database_is_refused() {
         Err(StoreError::TooNew(99, _))
     ));
 }
+
+#[test]
+fn a_batch_commits_once_and_a_failing_operation_inside_it_undoes_only_itself() {
+    let dir = TempDir::new("batch");
+    let mut s = open(&dir, "central", 1000);
+    let outside = || {
+        let c = Connection::open(dir.db()).unwrap();
+        c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))
+            .unwrap()
+    };
+    s.begin_batch().unwrap();
+    s.enqueue(vec![exec("a", "1")], 1).unwrap();
+    s.enqueue(vec![exec("a", "2")], 1).unwrap();
+    // Over the quota: written inside its own savepoint, then rolled back to it.
+    let big = "x".repeat(2000);
+    assert!(matches!(
+        s.enqueue(vec![exec("a", &big)], 1),
+        Err(StoreError::Full { .. })
+    ));
+    assert_eq!(outside(), 0, "nothing is visible before the batch commits");
+    s.end_batch().unwrap();
+    assert_eq!(outside(), 2);
+    let (frames, _) = s.outbox_frames(&n("a"), &lane(), 1, 10, 2).unwrap();
+    assert_eq!(frames.iter().map(|f| f.0).collect::<Vec<_>>(), [1, 2]);
+    // Without a batch every operation commits on its own, as before.
+    s.end_batch().unwrap();
+    let q = s.enqueue(vec![exec("a", "3")], 1).unwrap();
+    assert_eq!(
+        q[0].seq, 3,
+        "the refused enqueue left no sequence number behind"
+    );
+    assert_eq!(outside(), 3);
+}

@@ -121,7 +121,7 @@ fn name(s: &str) -> Name {
     Name::new(s).unwrap()
 }
 
-/// A frame asking ship1 to create `marker`, as if from `from`.
+/// A payload (in wire form) asking ship1 to create `marker`, as if from `from`.
 fn touch_frame(from: &str, seq: u64, marker: &Path) -> Vec<u8> {
     let env = Envelope {
         from: name(from),
@@ -136,7 +136,8 @@ fn touch_frame(from: &str, seq: u64, marker: &Path) -> Vec<u8> {
             ..Exec::default()
         })),
     };
-    frame::pack([frame::encode(&env).unwrap().as_slice()])
+    let packed = frame::pack([frame::encode(&env).unwrap().as_slice()]);
+    frame::compact(&packed, &name(from), &name("ship1")).unwrap()
 }
 
 /// Seals `plain` as `sender` -> ship1 with a key pair of our own making.

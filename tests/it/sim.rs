@@ -76,6 +76,9 @@ fn cfg() -> NodeConfig {
             rto_min_ms: 300,
             rto_max_ms: 3_000,
             online_grace_ms: 200,
+            // Holds come and go often: results of queued commands wait for company.
+            hold_ms: 30,
+            hold_max: 4,
         },
         // Small payloads so batching splits often.
         max_payload: 700,
