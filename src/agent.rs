@@ -268,7 +268,7 @@ impl Agent {
                     return;
                 }
             };
-            let (packed, bad) = frame::expand(&plain, &sender, &self.cfg.name);
+            let (packed, bad) = frame::expand(&plain, &sender, &self.cfg.name, now);
             if let Some(e) = bad {
                 // Authentic but not understood (a newer or broken peer): keep the
                 // whole frames before the fault; the sender resends the rest.
@@ -345,7 +345,7 @@ impl Agent {
                     if refused.contains(&p.to) {
                         continue;
                     }
-                    let wire = frame::compact(&p.bytes, &self.cfg.name, &p.to);
+                    let wire = frame::compact(&p.bytes, &self.cfg.name, &p.to, now);
                     let sealed = match wire
                         .map_err(|e| e.to_string())
                         .and_then(|w| self.seal_for(&p.to, &w))
@@ -784,15 +784,10 @@ impl Agent {
 
     /// Checks and opens a payload: (sender, counter, packed frames), or (kind, detail).
     fn open_payload(&mut self, payload: &[u8]) -> Result<(Name, u64, Vec<u8>), (String, String)> {
-        let (header, len) =
-            Header::parse(payload).map_err(|e| ("unsealed".to_string(), e.to_string()))?;
+        let (header, len) = Header::parse(payload, &self.cfg.name)
+            .map_err(|e| ("unsealed".to_string(), e.to_string()))?;
+        // The receiver is not sent: a payload meant for another node fails its tag.
         let from = header.sender.clone();
-        if header.receiver != self.cfg.name {
-            return Err((
-                format!("misaddressed from {from}"),
-                format!("payload for {}", header.receiver),
-            ));
-        }
         let key = self
             .direction_key(&from, false)
             .map_err(|e| (format!("untrusted sender {from}"), e))?;

@@ -462,35 +462,54 @@ pub const COMPACT_VERSION: u8 = 1;
 
 /// What a compact payload carries per frame: the envelope without what the sealed
 /// payload already says (sender and receiver, in the seal header) or what the
-/// previous frame said (the lane), with sequence number and creation time as
-/// differences from the previous frame, and no CRC (the AEAD tag covers the whole
-/// payload). The body is the frame's own.
+/// previous frame said (the lane), with the sequence number as a difference from
+/// the previous frame's, and no CRC (the AEAD tag covers the whole payload). The
+/// first frame's creation time travels as its age when sent, and the receiver puts
+/// it on its own clock; the others as differences from the frame before. The body
+/// is the frame's own.
 #[derive(Serialize)]
 struct SlimRef<'a> {
-    /// `None`: the previous frame's lane.
-    lane: Option<&'a Lane>,
+    lane: LaneRef<'a>,
     seq_delta: i64,
-    created_delta: i64,
+    /// First frame: age in ms when sent. Others: difference from the previous frame.
+    created: i64,
     ttl_s: Option<u32>,
     body: &'a Body,
 }
 
 #[derive(Deserialize)]
 struct Slim {
-    lane: Option<Lane>,
+    lane: LaneOwned,
     seq_delta: i64,
-    created_delta: i64,
+    created: i64,
     ttl_s: Option<u32>,
     body: Body,
 }
 
+/// A frame's lane: the previous frame's, the default one (`ordered`), or by name.
+#[derive(Serialize)]
+enum LaneRef<'a> {
+    Same,
+    Default,
+    Named(&'a Lane),
+}
+
+#[derive(Deserialize)]
+enum LaneOwned {
+    Same,
+    Default,
+    Named(Lane),
+}
+
 /// Rewrites a payload made by [`pack`] of frames from `from` to `to` into the
-/// compact wire form: `[COMPACT_VERSION][postcard(Slim)]...`. About 30 bytes
-/// smaller per frame; [`expand`] restores the exact frame bytes.
-pub fn compact(packed: &[u8], from: &Name, to: &Name) -> Result<Vec<u8>, FrameError> {
+/// compact wire form, `[COMPACT_VERSION][postcard(Slim)]...`, at `now_ms` on the
+/// sender's clock. About 35 bytes smaller per frame; [`expand`] restores the
+/// frames, exactly when both clocks agree.
+pub fn compact(packed: &[u8], from: &Name, to: &Name, now_ms: u64) -> Result<Vec<u8>, FrameError> {
     let mut out = vec![COMPACT_VERSION];
+    let default = default_lane();
     let (mut lane, mut seq, mut created): (Option<Lane>, u64, u64) = (None, 0, 0);
-    for bytes in unpack(packed) {
+    for (i, bytes) in unpack(packed).enumerate() {
         let env = decode(bytes?)?;
         if &env.from != from || &env.to != to {
             return Err(FrameError::Malformed(format!(
@@ -499,9 +518,19 @@ pub fn compact(packed: &[u8], from: &Name, to: &Name) -> Result<Vec<u8>, FrameEr
             )));
         }
         let slim = SlimRef {
-            lane: (lane.as_ref() != Some(&env.lane)).then_some(&env.lane),
+            lane: if lane.as_ref() == Some(&env.lane) {
+                LaneRef::Same
+            } else if env.lane == default {
+                LaneRef::Default
+            } else {
+                LaneRef::Named(&env.lane)
+            },
             seq_delta: env.seq.wrapping_sub(seq) as i64,
-            created_delta: env.created_ms.wrapping_sub(created) as i64,
+            created: if i == 0 {
+                now_ms.wrapping_sub(env.created_ms) as i64
+            } else {
+                env.created_ms.wrapping_sub(created) as i64
+            },
             ttl_s: env.ttl_s,
             body: &env.body,
         };
@@ -512,10 +541,17 @@ pub fn compact(packed: &[u8], from: &Name, to: &Name) -> Result<Vec<u8>, FrameEr
     Ok(out)
 }
 
-/// Restores the frames of a compact payload from `from` to `to` as a payload in
-/// [`pack`] form, with their exact original bytes (postcard is deterministic).
+/// Restores the frames of a compact payload from `from` to `to`, received at
+/// `now_ms` on the receiver's clock, as a payload in [`pack`] form. Creation times
+/// come out on the receiver's clock (so TTLs do not depend on clock skew); with
+/// equal clocks the bytes are the sender's exactly (postcard is deterministic).
 /// Frames before a malformed one are kept; the error says what stopped it.
-pub fn expand(payload: &[u8], from: &Name, to: &Name) -> (Vec<u8>, Option<FrameError>) {
+pub fn expand(
+    payload: &[u8],
+    from: &Name,
+    to: &Name,
+    now_ms: u64,
+) -> (Vec<u8>, Option<FrameError>) {
     let mut out = Vec::new();
     let Some((&version, mut rest)) = payload.split_first() else {
         return (out, Some(FrameError::Truncated(0)));
@@ -532,14 +568,21 @@ pub fn expand(payload: &[u8], from: &Name, to: &Name) -> (Vec<u8>, Option<FrameE
             }
             Err(e) => return (out, Some(FrameError::Malformed(e.to_string()))),
         };
-        let Some(this_lane) = slim.lane.or_else(|| lane.clone()) else {
-            return (
-                out,
-                Some(FrameError::Malformed("first frame names no lane".into())),
-            );
+        let this_lane = match (slim.lane, &lane) {
+            (LaneOwned::Named(l), _) => l,
+            (LaneOwned::Default, _) => default_lane(),
+            (LaneOwned::Same, Some(l)) => l.clone(),
+            (LaneOwned::Same, None) => {
+                let e = FrameError::Malformed("first frame names no lane".into());
+                return (out, Some(e));
+            }
         };
         seq = seq.wrapping_add(slim.seq_delta as u64);
-        created = created.wrapping_add(slim.created_delta as u64);
+        created = if lane.is_none() {
+            now_ms.wrapping_sub(slim.created as u64)
+        } else {
+            created.wrapping_add(slim.created as u64)
+        };
         let env = Envelope {
             from: from.clone(),
             to: to.clone(),
@@ -838,10 +881,24 @@ mod tests {
             .map(|e| encode(e).unwrap())
             .collect();
         let packed = pack(frames.iter().map(|f| f.as_slice()));
-        let wire = compact(&packed, &name("ship1"), &name("central")).unwrap();
+        let now = 1_763_800_001_000;
+        let wire = compact(&packed, &name("ship1"), &name("central"), now).unwrap();
         assert_eq!(
-            expand(&wire, &name("ship1"), &name("central")),
+            expand(&wire, &name("ship1"), &name("central"), now),
             (packed.clone(), None)
+        );
+        // On a receiver whose clock is 5 s ahead, frames were created 5 s later.
+        let (ahead, _) = expand(&wire, &name("ship1"), &name("central"), now + 5_000);
+        let shifted: Vec<u64> = unpack(&ahead)
+            .map(|f| decode(f.unwrap()).unwrap().created_ms)
+            .collect();
+        let original: Vec<u64> = frames
+            .iter()
+            .map(|f| decode(f).unwrap().created_ms)
+            .collect();
+        assert_eq!(
+            shifted,
+            original.iter().map(|c| c + 5_000).collect::<Vec<_>>()
         );
         assert!(
             wire.len() + 4 * 25 < packed.len(),
@@ -850,18 +907,16 @@ mod tests {
             packed.len()
         );
         // Frames of another sender or receiver are refused, not rewritten.
-        assert!(compact(&packed, &name("ship2"), &name("central")).is_err());
+        assert!(compact(&packed, &name("ship2"), &name("central"), now).is_err());
     }
 
     // Golden bytes of the wire form: changing them breaks peers of other versions.
     #[test]
     fn compact_exec_command_encodes_to_golden_bytes() {
         let packed = pack([encode(&uptime()).unwrap().as_slice()]);
-        let wire = compact(&packed, &name("central"), &name("ship1")).unwrap();
-        assert_eq!(
-            hex(&wire),
-            "0101076f726465726564028098e1aad5660000000106757074696d65000000e0d40300"
-        );
+        // Sent 250 ms after it was created.
+        let wire = compact(&packed, &name("central"), &name("ship1"), 1_763_800_000_250).unwrap();
+        assert_eq!(hex(&wire), "010102f4030000000106757074696d65000000e0d40300");
     }
 
     #[test]
@@ -871,7 +926,7 @@ mod tests {
             encode(&uptime_result()).unwrap().as_slice(),
             encode(&uptime_result()).unwrap().as_slice(),
         ]);
-        let sample = compact(&packed, &name("ship1"), &name("central")).unwrap();
+        let sample = compact(&packed, &name("ship1"), &name("central"), 1).unwrap();
         let (from, to) = (name("ship1"), name("central"));
         for i in 0..20_000usize {
             let mut b = sample.clone();
@@ -880,15 +935,15 @@ mod tests {
                 b[at] = rng(&mut seed) as u8;
             }
             b.truncate(i % (b.len() + 1));
-            let (frames, _) = expand(&b, &from, &to);
+            let (frames, _) = expand(&b, &from, &to, 1);
             // Whatever comes out is whole frames.
             for f in unpack(&frames) {
                 decode(f.unwrap()).unwrap();
             }
         }
-        assert_eq!(expand(&[], &from, &to).1, Some(FrameError::Truncated(0)));
+        assert_eq!(expand(&[], &from, &to, 1).1, Some(FrameError::Truncated(0)));
         assert_eq!(
-            expand(&[9, 1, 2], &from, &to).1,
+            expand(&[9, 1, 2], &from, &to, 1).1,
             Some(FrameError::UnknownVersion(9))
         );
     }

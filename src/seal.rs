@@ -1,11 +1,15 @@
 //! Sealed payloads: end-to-end authenticated encryption between two nodes.
 //!
 //! Every MQTT payload is `[header][ciphertext][16-byte tag]`. The header travels in
-//! clear and is authenticated as associated data:
+//! clear:
 //!
 //! ```text
-//! version u8 | sender len u8 | sender | receiver len u8 | receiver | counter u64 LE
+//! version u8 | sender len u8 | sender | counter (LEB128 varint)
 //! ```
+//!
+//! The receiver is not sent (the topic names it, and only its key opens the payload);
+//! the associated data is the header followed by `receiver len u8 | receiver`, so a
+//! payload is still bound to the one receiver it was sealed for.
 //!
 //! The key for one direction (sender -> receiver) is
 //! `HKDF-SHA256(salt = "outpost seal v1", ikm = X25519(own secret, peer public),
@@ -24,7 +28,8 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::frame::Name;
 
-pub const SEAL_VERSION: u8 = 1;
+/// 1 sent the receiver's name and a fixed 8-byte counter; 2 is 5 to 15 bytes shorter.
+pub const SEAL_VERSION: u8 = 2;
 pub const TAG_LEN: usize = 16;
 const LABEL: &[u8] = b"outpost seal v1";
 
@@ -49,23 +54,35 @@ pub struct Header {
 }
 
 impl Header {
+    /// The header as sent.
     fn encode(&self) -> Vec<u8> {
-        let (s, r) = (
-            self.sender.as_str().as_bytes(),
-            self.receiver.as_str().as_bytes(),
-        );
-        let mut out = Vec::with_capacity(3 + s.len() + r.len() + 8);
+        let s = self.sender.as_str().as_bytes();
+        let mut out = Vec::with_capacity(2 + s.len() + 10);
         out.push(SEAL_VERSION);
         out.push(s.len() as u8);
         out.extend_from_slice(s);
-        out.push(r.len() as u8);
-        out.extend_from_slice(r);
-        out.extend_from_slice(&self.counter.to_le_bytes());
+        let mut c = self.counter;
+        while c >= 0x80 {
+            out.push((c as u8) | 0x80);
+            c >>= 7;
+        }
+        out.push(c as u8);
         out
     }
 
-    /// Parses the header; returns it and its length in bytes.
-    pub fn parse(payload: &[u8]) -> Result<(Header, usize), SealError> {
+    /// The associated data: the header as sent, then the receiver's name.
+    fn aad(&self, sent: &[u8]) -> Vec<u8> {
+        let r = self.receiver.as_str().as_bytes();
+        let mut aad = Vec::with_capacity(sent.len() + 1 + r.len());
+        aad.extend_from_slice(sent);
+        aad.push(r.len() as u8);
+        aad.extend_from_slice(r);
+        aad
+    }
+
+    /// Parses the header of a payload that came to `receiver`; returns it and its
+    /// length in bytes.
+    pub fn parse(payload: &[u8], receiver: &Name) -> Result<(Header, usize), SealError> {
         let mut at = 0;
         let mut take = |n: usize| -> Result<&[u8], SealError> {
             let part = payload
@@ -80,16 +97,29 @@ impl Header {
         }
         let n = take(1)?[0] as usize;
         let sender = name(take(n)?)?;
-        let n = take(1)?[0] as usize;
-        let receiver = name(take(n)?)?;
-        let counter = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+        let mut counter = 0u64;
+        let mut shift = 0;
+        loop {
+            let b = take(1)?[0];
+            if shift == 63 && b > 1 {
+                return Err(SealError::Malformed("counter overflows 64 bits"));
+            }
+            counter |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 63 {
+                return Err(SealError::Malformed("counter overflows 64 bits"));
+            }
+        }
         if payload.len() < at + TAG_LEN {
             return Err(SealError::Malformed("shorter than its tag"));
         }
         Ok((
             Header {
                 sender,
-                receiver,
+                receiver: receiver.clone(),
                 counter,
             },
             at,
@@ -146,12 +176,12 @@ fn nonce(counter: u64) -> Nonce {
 /// Seals `plain` (packed frames) for the header's receiver.
 pub fn seal(key: &DirectionKey, header: &Header, plain: &[u8]) -> Vec<u8> {
     let mut out = header.encode();
-    let aad_len = out.len();
+    let aad = header.aad(&out);
+    let head = out.len();
     out.extend_from_slice(plain);
-    let (aad, body) = out.split_at_mut(aad_len);
     let tag = key
         .0
-        .seal_in_place_separate_tag(nonce(header.counter), Aad::from(&*aad), body)
+        .seal_in_place_separate_tag(nonce(header.counter), Aad::from(aad), &mut out[head..])
         .expect("chacha20-poly1305 seals any length we produce");
     out.extend_from_slice(tag.as_ref());
     out
@@ -164,11 +194,15 @@ pub fn open(
     header: &Header,
     header_len: usize,
 ) -> Result<Vec<u8>, SealError> {
-    let (aad, rest) = payload.split_at(header_len);
+    let (sent, rest) = payload.split_at(header_len);
     let mut body = rest.to_vec();
     let plain = key
         .0
-        .open_in_place(nonce(header.counter), Aad::from(aad), &mut body)
+        .open_in_place(
+            nonce(header.counter),
+            Aad::from(header.aad(sent)),
+            &mut body,
+        )
         .map_err(|_| SealError::BadTag)?;
     let n = plain.len();
     body.truncate(n);
@@ -262,7 +296,7 @@ mod tests {
             !sealed.windows(6).any(|w| w == b"uptime"),
             "plaintext leaked"
         );
-        let (h, len) = Header::parse(&sealed).unwrap();
+        let (h, len) = Header::parse(&sealed, &n("ship1")).unwrap();
         assert_eq!(h, header(7));
         assert_eq!(open(&kr, &sealed, &h, len).unwrap(), b"exec uptime");
     }
@@ -274,7 +308,7 @@ mod tests {
         for bit in 0..sealed.len() * 8 {
             let mut b = sealed.clone();
             b[bit / 8] ^= 1 << (bit % 8);
-            let ok = Header::parse(&b)
+            let ok = Header::parse(&b, &n("ship1"))
                 .and_then(|(h, len)| open(&kr, &b, &h, len))
                 .is_ok();
             assert!(!ok, "flip of bit {bit} accepted");
@@ -283,12 +317,30 @@ mod tests {
         let (sa, pa) = pair(1);
         let (sb, pb) = pair(2);
         let reverse = derive(&sb, &pa, &n("ship1"), &n("central"), &pb, &pa).unwrap();
-        let (h, len) = Header::parse(&sealed).unwrap();
+        let (h, len) = Header::parse(&sealed, &n("ship1")).unwrap();
         assert_eq!(open(&reverse, &sealed, &h, len), Err(SealError::BadTag));
         let (sx, px) = pair(3);
         let stranger = derive(&sx, &pb, &n("central"), &n("ship1"), &px, &pb).unwrap();
         assert_eq!(open(&stranger, &sealed, &h, len), Err(SealError::BadTag));
         let _ = sa;
+    }
+
+    #[test]
+    fn the_header_sends_sender_and_counter_and_binds_the_receiver() {
+        let (ks, kr) = keys();
+        let sealed = seal(&ks, &header(300), b"x");
+        // version 2, "central", counter 300 as a varint; the receiver is not sent.
+        assert_eq!(to_hex(&sealed[..11]), "020763656e7472616cac02");
+        // Opened as if it came to another receiver (same key, wrong name): refused.
+        let (h, len) = Header::parse(&sealed, &n("ship2")).unwrap();
+        assert_eq!(open(&kr, &sealed, &h, len), Err(SealError::BadTag));
+        let huge = header(u64::MAX);
+        let (h, _) = Header::parse(&seal(&ks, &huge, b""), &n("ship1")).unwrap();
+        assert_eq!(h, huge);
+        let mut too_long = vec![SEAL_VERSION, 1, b'a'];
+        too_long.extend([0xff; 10]);
+        too_long.extend([0; TAG_LEN]);
+        assert!(Header::parse(&too_long, &n("ship1")).is_err());
     }
 
     #[test]
@@ -332,10 +384,13 @@ mod tests {
             seed ^= seed >> 7;
             seed ^= seed << 17;
             let bytes: Vec<u8> = (0..len % 97).map(|i| (seed >> (i % 56)) as u8).collect();
-            let _ = Header::parse(&bytes);
+            let _ = Header::parse(&bytes, &n("ship1"));
         }
-        assert!(matches!(Header::parse(&[2]), Err(SealError::Version(2))));
-        assert!(Header::parse(&[]).is_err());
+        assert!(matches!(
+            Header::parse(&[9], &n("ship1")),
+            Err(SealError::Version(9))
+        ));
+        assert!(Header::parse(&[], &n("ship1")).is_err());
     }
 
     #[test]

@@ -231,10 +231,12 @@ fn broker_restart_without_persistence_loses_and_duplicates_nothing() {
 #[test]
 fn flapping_link_loses_duplicates_and_reorders_nothing() {
     let rig = Rig::new();
+    // Enough commands (each a shell) that the run spans several flaps.
+    let n = 2000;
     let file = rig.ship.dir.join("appended.txt");
-    rig.queue_appends(200, &file);
+    rig.queue_appends(n, &file);
     let mut flips = 0;
-    while rig.central.results(250).len() < 200 {
+    while rig.central.results(n as u32 + 50).len() < n {
         // Down and up every few hundred milliseconds, measured by the proxy's own
         // connection count rather than by sleeping blindly.
         rig.proxy.set_mode(Mode::Refuse);
@@ -248,9 +250,10 @@ fn flapping_link_loses_duplicates_and_reorders_nothing() {
         flips += 1;
         assert!(flips < 400, "no completion after {flips} flaps");
     }
-    let results = rig.wait_results(200);
-    check_in_order_once(&results, 200, &file);
-    assert_eq!(appended(&file), (1..=200).collect::<Vec<_>>());
+    let results = rig.wait_results(n);
+    check_in_order_once(&results, n, &file);
+    assert_eq!(appended(&file), (1..=n as u64).collect::<Vec<_>>());
+    eprintln!("{n} commands over {flips} flaps");
     assert!(flips >= 2, "the link flapped during the run ({flips})");
 }
 

@@ -137,7 +137,13 @@ fn touch_frame(from: &str, seq: u64, marker: &Path) -> Vec<u8> {
         })),
     };
     let packed = frame::pack([frame::encode(&env).unwrap().as_slice()]);
-    frame::compact(&packed, &name(from), &name("ship1")).unwrap()
+    frame::compact(
+        &packed,
+        &name(from),
+        &name("ship1"),
+        outpost::agent::now_ms(),
+    )
+    .unwrap()
 }
 
 /// Seals `plain` as `sender` -> ship1 with a key pair of our own making.
@@ -416,7 +422,12 @@ fn killing_senders_mid_stream_never_reuses_a_nonce() {
     let mut by_nonce: BTreeMap<(String, String, u64), Vec<u8>> = BTreeMap::new();
     let mut n = 0;
     for (topic, bytes) in capture.all() {
-        let (h, _) = Header::parse(&bytes)
+        // Inbox topics are `outpost/RECEIVER/in`; the header does not repeat it.
+        let receiver = topic.split('/').nth(1).map(name);
+        let Some(receiver) = receiver.filter(|_| topic.ends_with("/in")) else {
+            continue;
+        };
+        let (h, _) = Header::parse(&bytes, &receiver)
             .unwrap_or_else(|e| panic!("{topic}: unsealed payload on the broker: {e}"));
         n += 1;
         let key = (h.sender.to_string(), h.receiver.to_string(), h.counter);
