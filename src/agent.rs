@@ -393,8 +393,10 @@ impl Agent {
         taken.and(committed)
     }
 
-    /// Commits the open batch. If that fails, the store rolled it back: derived
-    /// delivery state is rebuilt from the store.
+    /// Commits the open batch. If that fails (a full disk), the store rolled it
+    /// back and delivery learns the streams again from the store. Sequence numbers
+    /// handed out in the lost batch are handed out again to the next frames, which
+    /// then go after a resend timeout rather than at once: late, never lost.
     fn end_batch(&mut self) -> Result<(), StoreError> {
         let r = self.node.store_mut().end_batch();
         if r.is_err() {

@@ -435,9 +435,14 @@ impl Store {
         let mut corrupt = Vec::new();
         for (peer, lane, wm) in streams {
             let (peer, lane) = (name(&peer)?, lane_of(&lane)?);
+            // Driven by the inbox (a running command's frame stays there until it
+            // finishes): the journal keeps every command ever run, and walking it
+            // made each call O(history), about 5 ms per call at 100k commands.
             let running: i64 = self.conn.query_row(
-                "SELECT COUNT(*) FROM journal j JOIN inbox i USING (peer, lane, seq)
-                 WHERE j.peer = ?1 AND j.lane = ?2 AND j.state = 'running'",
+                "SELECT COUNT(*) FROM inbox i WHERE i.peer = ?1 AND i.lane = ?2
+                 AND EXISTS (SELECT 1 FROM journal j
+                             WHERE j.peer = i.peer AND j.lane = i.lane AND j.seq = i.seq
+                               AND j.state = 'running')",
                 params![peer.as_str(), lane.as_str()],
                 |r| r.get(0),
             )?;

@@ -137,6 +137,11 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (source, file_id)
     );
     ",
+    // 4 -> 5: running commands are found without walking the journal, which keeps
+    // every command ever run (status and restart recovery ask for them).
+    "
+    CREATE INDEX journal_running ON journal (peer, lane, seq) WHERE state = 'running';
+    ",
 ];
 
 /// Brings the database to the newest version, one transaction per step.
