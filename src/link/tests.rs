@@ -170,7 +170,15 @@ fn publish_fails_fast_and_first_failure_is_reported_when_broker_is_down() {
         LinkEvent::Disconnected { error } => Some(error),
         _ => None,
     });
-    assert_eq!(error, "connection refused");
+    // qemu-user 7.2 hands getsockopt(SO_ERROR) through without translating the
+    // errno, so on mips (ECONNREFUSED = 146) a refused connect arrives as the
+    // host's 111 (`qemu-mips-static -strace` shows it). cross/test-qemu.sh says
+    // when the tests run under such an emulator; real hardware gets 146.
+    let untranslated = std::env::var_os("OUTPOST_QEMU_SO_ERROR_UNTRANSLATED").is_some()
+        && error.ends_with("(os error 111)");
+    if !untranslated {
+        assert_eq!(error, "connection refused");
+    }
     assert!(!link.is_connected());
     assert!(matches!(
         link.publish("t", b"x".to_vec()),

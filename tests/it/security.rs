@@ -112,9 +112,9 @@ fn publish(broker: &Broker, topic: &str, payload: &[u8], dir: &Path) {
 }
 
 fn rand_tag() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    N.fetch_add(1, Ordering::Relaxed) as u64
 }
 
 fn name(s: &str) -> Name {

@@ -4,7 +4,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ const DEADLINE: Duration = Duration::from_secs(10);
 /// A TCP echo server counting the bytes it received; stops accepting on drop.
 struct Echo {
     addr: SocketAddr,
-    received: Arc<AtomicU64>,
+    received: Arc<AtomicUsize>,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -27,7 +27,7 @@ impl Echo {
     fn start() -> Echo {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let addr = listener.local_addr().unwrap();
-        let received = Arc::new(AtomicU64::new(0));
+        let received = Arc::new(AtomicUsize::new(0));
         let stopping = Arc::new(AtomicBool::new(false));
         let thread = {
             let (received, stopping) = (received.clone(), stopping.clone());
@@ -44,7 +44,7 @@ impl Echo {
                             match stream.read(&mut buf) {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => {
-                                    received.fetch_add(n as u64, Ordering::SeqCst);
+                                    received.fetch_add(n, Ordering::SeqCst);
                                     if stream.write_all(&buf[..n]).is_err() {
                                         break;
                                     }
@@ -65,7 +65,7 @@ impl Echo {
     }
 
     fn received(&self) -> u64 {
-        self.received.load(Ordering::SeqCst)
+        self.received.load(Ordering::SeqCst) as u64
     }
 }
 
@@ -396,7 +396,7 @@ fn mosquitto_client(name: &str) -> Command {
 /// checks the subscriber got the message; both clients go through `port`.
 fn exchange(broker: &Broker, port: u16, topic: &str, msg: &str) {
     let port = port.to_string();
-    static N_SUBS: AtomicU64 = AtomicU64::new(0);
+    static N_SUBS: AtomicUsize = AtomicUsize::new(0);
     let id = format!(
         "selftest-sub-{}-{}",
         std::process::id(),

@@ -20,7 +20,7 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -156,7 +156,7 @@ impl TempDir {
     /// Creates `outpost-test-{pid}-{counter}-{nanos}`; the name is unique across
     /// the threads of this process and across concurrent test processes.
     pub fn new() -> TempDir {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)

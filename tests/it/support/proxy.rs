@@ -17,7 +17,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+// usize, not u64: 32-bit mips has no 64-bit atomics and runs these under qemu.
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -56,10 +57,10 @@ struct Shared {
     mode_changed: Condvar,
     delay: Mutex<Duration>,
     rate: Mutex<Option<u64>>,
-    bytes_up: AtomicU64,
-    bytes_down: AtomicU64,
-    bytes_discarded: AtomicU64,
-    accepted: AtomicU64,
+    bytes_up: AtomicUsize,
+    bytes_down: AtomicUsize,
+    bytes_discarded: AtomicUsize,
+    accepted: AtomicUsize,
     /// Live connections by id. The listener registers a connection under this
     /// lock after checking the mode, so `set_mode(Refuse)` cannot miss one.
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
@@ -95,10 +96,10 @@ impl Proxy {
             mode_changed: Condvar::new(),
             delay: Mutex::new(Duration::ZERO),
             rate: Mutex::new(None),
-            bytes_up: AtomicU64::new(0),
-            bytes_down: AtomicU64::new(0),
-            bytes_discarded: AtomicU64::new(0),
-            accepted: AtomicU64::new(0),
+            bytes_up: AtomicUsize::new(0),
+            bytes_down: AtomicUsize::new(0),
+            bytes_discarded: AtomicUsize::new(0),
+            accepted: AtomicUsize::new(0),
             conns: Mutex::new(HashMap::new()),
             threads: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
@@ -165,17 +166,17 @@ impl Proxy {
 
     /// Client-to-upstream bytes written to the upstream so far.
     pub fn bytes_up(&self) -> u64 {
-        self.shared.bytes_up.load(Ordering::SeqCst)
+        self.shared.bytes_up.load(Ordering::SeqCst) as u64
     }
 
     /// Upstream-to-client bytes written to the client so far.
     pub fn bytes_down(&self) -> u64 {
-        self.shared.bytes_down.load(Ordering::SeqCst)
+        self.shared.bytes_down.load(Ordering::SeqCst) as u64
     }
 
     /// Bytes read in either direction and dropped by [`Mode::Blackhole`].
     pub fn bytes_discarded(&self) -> u64 {
-        self.shared.bytes_discarded.load(Ordering::SeqCst)
+        self.shared.bytes_discarded.load(Ordering::SeqCst) as u64
     }
 
     /// Zeroes the byte counters (`bytes_up`, `bytes_down`, `bytes_discarded`).
@@ -193,7 +194,7 @@ impl Proxy {
     /// Connections accepted since start, including those closed by
     /// [`Mode::Refuse`].
     pub fn accepted(&self) -> u64 {
-        self.shared.accepted.load(Ordering::SeqCst)
+        self.shared.accepted.load(Ordering::SeqCst) as u64
     }
 }
 
@@ -371,7 +372,7 @@ fn pump(shared: &Shared, conn: &Conn, dir: Dir, mut from: TcpStream, mut to: Tcp
             Ok(0) => ended = Some(true),
             Ok(n) => {
                 if *lock(&shared.mode) == Mode::Blackhole {
-                    shared.bytes_discarded.fetch_add(n as u64, Ordering::SeqCst);
+                    shared.bytes_discarded.fetch_add(n, Ordering::SeqCst);
                     continue;
                 }
                 let delay = *lock(&shared.delay);
@@ -421,14 +422,14 @@ fn send(
     shared: &Shared,
     conn: &Conn,
     pacer: &mut Pacer,
-    forwarded: &AtomicU64,
+    forwarded: &AtomicUsize,
     to: &mut TcpStream,
     bytes: &[u8],
 ) -> io::Result<()> {
     if *lock(&shared.mode) == Mode::Blackhole {
         shared
             .bytes_discarded
-            .fetch_add(bytes.len() as u64, Ordering::SeqCst);
+            .fetch_add(bytes.len(), Ordering::SeqCst);
         return Ok(());
     }
     let mut rest = bytes;
@@ -447,7 +448,7 @@ fn send(
             pacer.wait(rate, n);
         }
         to.write_all(&rest[..n])?;
-        forwarded.fetch_add(n as u64, Ordering::SeqCst);
+        forwarded.fetch_add(n, Ordering::SeqCst);
         rest = &rest[n..];
     }
     Ok(())
