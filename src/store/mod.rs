@@ -358,14 +358,16 @@ impl Store {
     /// An ack past what was ever sent is clamped (it cannot free the future).
     pub fn apply_ack(&mut self, peer: &Name, lane: &Lane, upto: u64) -> Result<u64, StoreError> {
         let tx = self.conn.savepoint()?;
-        let last: Option<i64> = tx
+        let stream: Option<(i64, i64)> = tx
             .query_row(
-                "SELECT last_seq FROM out_streams WHERE peer = ?1 AND lane = ?2",
+                "SELECT last_seq, acked FROM out_streams WHERE peer = ?1 AND lane = ?2",
                 params![peer.as_str(), lane.as_str()],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        let Some(last) = last else { return Ok(0) };
+        let Some((last, acked)) = stream else {
+            return Ok(0);
+        };
         let upto = upto.min(last as u64) as i64;
         let freed_bytes: i64 = tx.query_row(
             "SELECT COALESCE(SUM(length(frame)), 0) FROM outbox WHERE peer = ?1 AND lane = ?2 AND seq <= ?3",
@@ -381,9 +383,11 @@ impl Store {
             params![peer.as_str(), lane.as_str(), upto],
         )?;
         tx.execute(
+            // Only what this ack newly covers: everything up to `acked` was
+            // marked before, and the stream's history grows without bound.
             "UPDATE job_targets SET state = 'delivered'
-             WHERE node = ?1 AND lane = ?2 AND seq <= ?3 AND state = 'queued'",
-            params![peer.as_str(), lane.as_str(), upto],
+             WHERE node = ?1 AND lane = ?2 AND seq > ?4 AND seq <= ?3 AND state = 'queued'",
+            params![peer.as_str(), lane.as_str(), upto, acked],
         )?;
         tx.commit()?;
         self.used -= freed_bytes as u64;
@@ -435,14 +439,13 @@ impl Store {
         let mut corrupt = Vec::new();
         for (peer, lane, wm) in streams {
             let (peer, lane) = (name(&peer)?, lane_of(&lane)?);
-            // Driven by the inbox (a running command's frame stays there until it
-            // finishes): the journal keeps every command ever run, and walking it
-            // made each call O(history), about 5 ms per call at 100k commands.
+            // Through the partial index on running entries (migration 5): the
+            // journal keeps every command ever run and the inbox can hold a long
+            // backlog, and walking either made each call O(history) or O(backlog).
+            // A running command's frame stays in the inbox until it finishes.
             let running: i64 = self.conn.query_row(
-                "SELECT COUNT(*) FROM inbox i WHERE i.peer = ?1 AND i.lane = ?2
-                 AND EXISTS (SELECT 1 FROM journal j
-                             WHERE j.peer = i.peer AND j.lane = i.lane AND j.seq = i.seq
-                               AND j.state = 'running')",
+                "SELECT COUNT(*) FROM journal
+                 WHERE peer = ?1 AND lane = ?2 AND state = 'running'",
                 params![peer.as_str(), lane.as_str()],
                 |r| r.get(0),
             )?;
