@@ -167,15 +167,24 @@ impl Gate {
         Gate { path }
     }
 
-    /// The command that blocks its lane until the gate opens.
+    /// The command that blocks its lane until the gate opens. Its timeout is an
+    /// hour: queueing 100,000 commands behind it takes minutes, and the default
+    /// 60 s would let it end early and the lane run while the link is up.
     pub fn command(&self) -> CommandSpec {
-        exec(&["cat", self.path.to_str().unwrap()])
+        CommandSpec::Exec {
+            argv: vec!["cat".into(), self.path.to_str().unwrap().into()],
+            env: vec![],
+            cwd: None,
+            stdin: String::new(),
+            timeout_ms: Some(3_600_000),
+            rerun: false,
+        }
     }
 
     /// Lets the blocked `cat` finish: opens the FIFO for writing (once `cat` has
     /// it open for reading) and closes it, so `cat` reads end of file.
     pub fn open(&self) {
-        wait_for("the gate command reads its FIFO", LONG, || {
+        wait_for("the gate command reads its FIFO", Duration::from_secs(120), || {
             OpenOptions::new()
                 .write(true)
                 .custom_flags(libc::O_NONBLOCK)
