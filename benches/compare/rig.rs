@@ -184,13 +184,17 @@ impl Gate {
     /// Lets the blocked `cat` finish: opens the FIFO for writing (once `cat` has
     /// it open for reading) and closes it, so `cat` reads end of file.
     pub fn open(&self) {
-        wait_for("the gate command reads its FIFO", Duration::from_secs(120), || {
-            OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(&self.path)
-                .ok()
-        });
+        wait_for(
+            "the gate command reads its FIFO",
+            Duration::from_secs(120),
+            || {
+                OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&self.path)
+                    .ok()
+            },
+        );
     }
 }
 
