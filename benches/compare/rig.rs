@@ -18,6 +18,9 @@ use crate::support::outpost::{introduce, Agent};
 use crate::support::proxy::{Mode, Proxy};
 use crate::support::{wait_for, wait_until, TempDir};
 
+/// What the node lets the central use in most scenarios.
+pub const ALLOW: &str = "exec,ping,http-get";
+
 /// Deadline for anything a scenario waits on; generous, the machine is shared.
 pub const LONG: Duration = Duration::from_secs(1800);
 
@@ -52,18 +55,34 @@ impl Pair {
     }
 
     fn start_inner(broker: Broker, extra: &[&str], behind_proxy: bool) -> Pair {
-        let tmp = TempDir::new();
-        introduce(tmp.path(), "central", "node", "exec,ping,http-get");
         let proxy = Proxy::start(broker.addr());
-        let mut flags = vec!["--log-level", "info"];
-        flags.extend_from_slice(extra);
-        let central = Agent::start_with("central", &broker.url(), tmp.path(), &flags);
         let node_url = if behind_proxy {
             proxy.url()
         } else {
             broker.url()
         };
-        let node = Agent::start_with("node", &node_url, tmp.path(), &flags);
+        Pair::assemble(broker, proxy, ALLOW, extra, &node_url, &[])
+    }
+
+    /// The general form the others use: `proxy` set up by the caller (its
+    /// upstream, delay, rate), the node lets the central use `allow`, both agents
+    /// get `--log-level info` and `extra`, the node also `node_extra` and reaches
+    /// the broker at `node_url`. Returns once the central sees the node online.
+    pub fn assemble(
+        broker: Broker,
+        proxy: Proxy,
+        allow: &str,
+        extra: &[&str],
+        node_url: &str,
+        node_extra: &[&str],
+    ) -> Pair {
+        let tmp = TempDir::new();
+        introduce(tmp.path(), "central", "node", allow);
+        let mut flags = vec!["--log-level", "info"];
+        flags.extend_from_slice(extra);
+        let central = Agent::start_with("central", &broker.url(), tmp.path(), &flags);
+        flags.extend_from_slice(node_extra);
+        let node = Agent::start_with("node", node_url, tmp.path(), &flags);
         let pair = Pair {
             tmp,
             broker,

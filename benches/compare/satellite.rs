@@ -31,9 +31,9 @@ use outpost::control::Request;
 use crate::report::{Figure, Report};
 use crate::rig::{exec, Pair, LONG};
 use crate::support::broker::Broker;
-use crate::support::outpost::{introduce, Agent};
+use crate::support::outpost::Agent;
 use crate::support::proxy::{Mode, Proxy};
-use crate::support::{wait_until, TempDir};
+use crate::support::wait_until;
 use crate::Opts;
 
 const SCENARIO: &str = "7 satellite";
@@ -88,24 +88,11 @@ pub fn run(r: &mut Report, o: &Opts) {
 /// satellite delay and rate, so the node's first connection crosses the same link.
 fn start_pair() -> Pair {
     let broker = Broker::start_stock("");
-    let tmp = TempDir::new();
-    introduce(tmp.path(), "central", "node", "exec,files");
     let proxy = Proxy::start(broker.addr());
     proxy.set_delay(ONE_WAY);
     proxy.set_rate(Some(RATE));
-    let mut flags = vec!["--log-level", "info"];
-    flags.extend_from_slice(FLAGS);
-    let central = Agent::start_with("central", &broker.url(), tmp.path(), &flags);
-    let node = Agent::start_with("node", &proxy.url(), tmp.path(), &flags);
-    let pair = Pair {
-        tmp,
-        broker,
-        proxy,
-        central,
-        node,
-    };
-    pair.wait_online();
-    pair
+    let node_url = proxy.url();
+    Pair::assemble(broker, proxy, "exec,files", FLAGS, &node_url, &[])
 }
 
 /// Writes [`FILE_SIZE`] bytes of xorshift output to `dir` and returns its path and

@@ -46,7 +46,7 @@ use outpost::seal::{self, Header};
 use crate::report::{Figure, Report, Target};
 use crate::rig::{exec, Gate, Pair, LONG};
 use crate::support::broker::Broker;
-use crate::support::outpost::{introduce, Agent};
+use crate::support::outpost::Agent;
 use crate::support::proxy::{Mode, Proxy};
 use crate::support::{find_program, free_port, wait_for, wait_until, TempDir};
 use crate::Opts;
@@ -505,25 +505,19 @@ fn report_ping(r: &mut Report, p: &PingOverhead) {
 /// A pair whose node reaches the broker's TLS listener through the proxy
 /// (`mqtts://`, trusting the benchmark CA); the central stays on plain TCP.
 fn tls_pair(broker: Broker, tls_addr: SocketAddr, pki: &Pki) -> Pair {
-    let tmp = TempDir::new();
-    introduce(tmp.path(), "central", "node", "exec,ping,http-get");
     let proxy = Proxy::start(tls_addr);
     let keepalive = format!("{KEEPALIVE_S}s");
     let ca = pki.ca.to_str().expect("utf-8 path");
-    let flags = ["--log-level", "info", "--keepalive", &keepalive];
-    let central = Agent::start_with("central", &broker.url(), tmp.path(), &flags);
     let node_url = format!("mqtts://127.0.0.1:{}", proxy.port());
-    let node_flags = [&flags[..], &["--ca-file", ca]].concat();
-    let node = Agent::start_with("node", &node_url, tmp.path(), &node_flags);
-    let pair = Pair {
-        tmp,
+    let flags = ["--keepalive", keepalive.as_str()];
+    Pair::assemble(
         broker,
         proxy,
-        central,
-        node,
-    };
-    pair.wait_online();
-    pair
+        crate::rig::ALLOW,
+        &flags,
+        &node_url,
+        &["--ca-file", ca],
+    )
 }
 
 /// Waits until `proxy`'s counters have not moved for [`QUIET`].
