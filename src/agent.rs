@@ -21,10 +21,11 @@ use crate::control::{self, CommandSpec, Request};
 use crate::exec;
 use crate::frame::{self, Body, CmdResult, Command, Exec, HttpGet, Lane, Name, Status};
 use crate::link::{Link, LinkConfig, LinkError, LinkEvent, Retained, TlsFiles};
-use crate::node::{Node, NodeConfig};
-use crate::seal::{self, DirectionKey, Header, Window};
+use crate::node::{Node, NodeConfig, Report};
+use crate::seal;
 use crate::store::{Inbound, Job, Outgoing, StoreConfig, StoreError};
-use crate::trust::{self, Keys, Trust};
+use crate::trust::{self, ExecPolicy, Keys, Trust};
+
 use crate::{debug, error, info, warn};
 
 #[path = "agent_files.rs"]
@@ -45,6 +46,22 @@ enum Msg {
     Link(LinkEvent),
     Control(Request, Sender<Value>),
     Done(Box<Inbound>, Box<CmdResult>),
+    /// SIGTERM or SIGINT: stop children, record them, leave.
+    Stop(i32),
+}
+
+/// How long a stopping agent waits for its commands to be killed and recorded.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// A command running now.
+#[derive(Debug)]
+struct Running {
+    method: &'static str,
+    started_ms: u64,
+    /// The sender has been told it is running.
+    announced: bool,
+    /// Kills an exec's process group; none for methods that cannot be stopped.
+    cancel: Option<exec::Canceller>,
 }
 
 pub fn now_ms() -> u64 {
@@ -56,8 +73,19 @@ pub fn now_ms() -> u64 {
 
 /// Runs the agent until the process is killed. Errors are start-up failures.
 pub fn run(cfg: Config) -> Result<(), String> {
+    // Before any thread exists, so that every thread inherits it: SIGTERM and
+    // SIGINT are taken by one thread that tells the loop (children start with a
+    // clear mask, std resets it).
+    let signals = block_stop_signals();
     prepare_state_dir(&cfg.state_dir)?;
     let _lock = lock_state_dir(&cfg.state_dir)?;
+    // Whatever an agent that died on this state directory left running is killed
+    // before anything of its streams runs again.
+    let tag = agent_tag(&cfg.state_dir);
+    let left = exec::kill_tagged(&tag, Duration::from_secs(10));
+    if left > 0 {
+        warn!("killed {left} process(es) a previous agent on this state directory left running");
+    }
     let node_cfg = NodeConfig {
         store: StoreConfig {
             durability: cfg.durability,
@@ -68,10 +96,17 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let keys = load_or_create_keys(&cfg)?;
     let _ = std::fs::write(cfg.state_dir.join("name"), format!("{}\n", cfg.name));
     let db = cfg.state_dir.join("store.db");
-    let node = Node::open(&db, &cfg.name, node_cfg, now_ms())
+    let node = Node::open(&db, &cfg.name, node_cfg, keys, now_ms())
         .map_err(|e| format!("{}: {e}", db.display()))?;
+    if let Some(loss) = node.loss() {
+        error!(
+            "this node's store lost committed state: {}; it has a new epoch, resynchronises with every peer, and runs nothing that may have run before",
+            loss.reason
+        );
+    }
 
     let (tx, rx) = smol::channel::unbounded::<Msg>();
+    spawn_signal_thread(signals, tx.clone());
     let listener = bind_control(&cfg.state_dir)?;
     smol::spawn(serve_control(listener, tx.clone())).detach();
 
@@ -88,10 +123,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
         password: cfg.password.clone(),
         keepalive: cfg.keepalive,
         backoff_cap: cfg.backoff_cap,
-        subscriptions: vec![
-            cfg.inbox_topic(&cfg.name),
-            format!("{}/+/presence", cfg.prefix),
-        ],
+        // Presence comes only from the peers in the trust file (and our own, to
+        // put right a forged "offline"): see `Agent::subscribe_presence`.
+        subscriptions: vec![cfg.inbox_topic(&cfg.name)],
         will: Some(Retained {
             topic: presence.clone(),
             payload: b"offline".to_vec(),
@@ -112,12 +146,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
     );
 
     let mut agent = Agent {
-        keys,
         trust: Trust::default(),
         trust_stamp: None,
-        key_cache: BTreeMap::new(),
-        counters: BTreeMap::new(),
-        windows: BTreeMap::new(),
         rejected: BTreeMap::new(),
         files_active: false,
         cfg,
@@ -129,6 +159,12 @@ pub fn run(cfg: Config) -> Result<(), String> {
         waiters: Vec::new(),
         retry_at: None,
         running: BTreeMap::new(),
+        poisoned: None,
+        presence_fixed_ms: None,
+        unrecorded: Vec::new(),
+        store_error: None,
+        stopping: None,
+        tag,
     };
     agent.refresh_trust();
     agent.drive();
@@ -138,22 +174,63 @@ pub fn run(cfg: Config) -> Result<(), String> {
             agent.handle(msg);
         }
         agent.drive();
+        if agent.stopped() {
+            agent.leave();
+            return Ok(());
+        }
     }
 }
 
+/// The [`exec::TAG_VAR`] value for this state directory's commands.
+fn agent_tag(state_dir: &Path) -> String {
+    state_dir
+        .canonicalize()
+        .unwrap_or_else(|_| state_dir.to_path_buf())
+        .display()
+        .to_string()
+}
+
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in this thread (and the threads it starts).
+fn block_stop_signals() -> libc::sigset_t {
+    let set = stop_signals();
+    // SAFETY: a valid set; the old mask is not needed.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    set
+}
+
+/// A thread that waits for SIGTERM or SIGINT and tells the loop.
+fn spawn_signal_thread(set: libc::sigset_t, tx: Sender<Msg>) {
+    let _ = std::thread::Builder::new()
+        .name("outpost-signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: a valid set and a place for the signal number.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0
+                && tx.send_blocking(Msg::Stop(sig)).is_err()
+            {
+                return;
+            }
+        });
+}
+
 struct Agent {
-    keys: Keys,
     trust: Trust,
     /// (modified time, length) of the trust file when last read.
     trust_stamp: Option<(SystemTime, u64)>,
-    /// Derived keys per (peer, outgoing?); cleared when trust changes.
-    key_cache: BTreeMap<(Name, bool), DirectionKey>,
-    /// Reserved, unused payload counters per receiver.
-    counters: BTreeMap<Name, std::ops::Range<u64>>,
-    /// Replay windows per sender, loaded from the store on first use.
-    windows: BTreeMap<Name, Window>,
-    /// Payloads dropped, by reason: counted for `status`, logged once each.
-    rejected: BTreeMap<String, u64>,
+    /// Payloads dropped, by kind (a bounded set): counted for `status`, logged
+    /// rate-limited.
+    rejected: BTreeMap<&'static str, Rejections>,
     /// Transfers in progress or files with an expiry: wake up to sweep them.
     files_active: bool,
     cfg: Config,
@@ -166,9 +243,21 @@ struct Agent {
     waiters: Vec<(i64, usize, Sender<Value>)>,
     /// Publishing was refused (queue full): try again at this time.
     retry_at: Option<Instant>,
-    /// Commands running now: (peer, lane, seq) -> method, start, and whether the
-    /// sender has been told it is running.
-    running: BTreeMap<(Name, Lane, u64), (&'static str, u64, bool)>,
+    /// An oversized message cut the link: (when, its size). Presence is off since.
+    poisoned: Option<(u64, usize)>,
+    /// When this node last put its own presence back to online.
+    presence_fixed_ms: Option<u64>,
+    /// Commands running now, by (peer, lane, seq).
+    running: BTreeMap<(Name, Lane, u64), Running>,
+    /// Results the store could not take (a full disk): retried until it does,
+    /// their streams held meanwhile (the journal still says running).
+    unrecorded: Vec<(Box<Inbound>, Box<CmdResult>)>,
+    /// Since when, and why, the store refuses writes.
+    store_error: Option<(u64, String)>,
+    /// A stop signal arrived: (signal, deadline for the children).
+    stopping: Option<(i32, Instant)>,
+    /// [`exec::TAG_VAR`] for this agent's commands.
+    tag: String,
 }
 
 impl Agent {
@@ -183,11 +272,16 @@ impl Agent {
             let d = at.saturating_duration_since(Instant::now());
             wake = Some(wake.map_or(d, |w| w.min(d)));
         }
+        if !self.unrecorded.is_empty() || self.stopping.is_some() {
+            // Retry what the store refused; a stopping agent checks its deadline.
+            let d = Duration::from_millis(if self.stopping.is_some() { 100 } else { 2_000 });
+            wake = Some(wake.map_or(d, |w| w.min(d)));
+        }
         if let Some(t) = self
             .running
             .values()
-            .filter(|r| !r.2)
-            .map(|r| r.1 + STARTED_AFTER_MS)
+            .filter(|r| !r.announced)
+            .map(|r| r.started_ms + STARTED_AFTER_MS)
             .min()
         {
             let d = Duration::from_millis(t.saturating_sub(now));
@@ -220,11 +314,16 @@ impl Agent {
                 self.node.on_connected(now);
             }
             Msg::Link(LinkEvent::Disconnected { error }) => {
-                self.link_since_ms = now;
+                if self.node.is_connected() {
+                    self.link_since_ms = now;
+                }
                 self.last_error = Some(error);
                 self.node.on_disconnected(now);
             }
             Msg::Link(LinkEvent::Published) => {}
+            Msg::Link(LinkEvent::Poisoned { size }) => {
+                self.poisoned = Some((now, size));
+            }
             Msg::Link(LinkEvent::Message {
                 topic,
                 payload,
@@ -240,64 +339,121 @@ impl Agent {
                     let _ = reply.try_send(v);
                 }
             }
-            Msg::Done(inbound, result) => {
+            Msg::Done(inbound, mut result) => {
                 let key = (
                     inbound.env.from.clone(),
                     inbound.env.lane.clone(),
                     inbound.env.seq,
                 );
                 self.running.remove(&key);
-                if let Err(e) = self.node.finish(&inbound, *result, now) {
-                    // The journal still says running: a restart reports it interrupted.
-                    error!(
-                        "cannot record the result of {}#{} from {}: {e}",
-                        key.1, key.2, key.0
+                if let Some((sig, _)) = self.stopping {
+                    if result.status == Status::Cancelled {
+                        result.status = Status::Interrupted;
+                        result.reason = format!(
+                            "the agent was stopped (signal {sig}) while the command ran; it was killed and is not run again"
+                        );
+                    }
+                }
+                self.unrecorded.push((inbound, result));
+                self.record_results(now);
+            }
+            Msg::Stop(sig) => {
+                if self.stopping.is_none() {
+                    info!(
+                        "stopping (signal {sig}): killing {} running command(s)",
+                        self.running.len()
                     );
+                    self.stopping = Some((sig, Instant::now() + STOP_GRACE));
+                    for r in self.running.values() {
+                        if let Some(c) = &r.cancel {
+                            c.cancel();
+                        }
+                    }
                 }
             }
         }
     }
 
+    /// Records results that wait for the store, oldest first; what the store still
+    /// refuses (a full disk) stays for the next try. While one waits, its stream
+    /// waits too: the journal says the command is still running.
+    fn record_results(&mut self, now: u64) {
+        let waiting = std::mem::take(&mut self.unrecorded);
+        let mut failed: Option<String> = None;
+        for (inbound, result) in waiting {
+            if failed.is_some() {
+                self.unrecorded.push((inbound, result));
+                continue;
+            }
+            match self.node.finish(&inbound, (*result).clone(), now) {
+                Ok(_) => {}
+                Err(e) => {
+                    let env = &inbound.env;
+                    error!(
+                        "cannot record the result of {}#{} from {}: {e} (kept, retried while the agent runs)",
+                        env.lane, env.seq, env.from
+                    );
+                    failed = Some(e.to_string());
+                    self.unrecorded.push((inbound, result));
+                }
+            }
+        }
+        self.note_store(failed, now);
+    }
+
+    /// Notes whether the last store write failed, for `status` and the log.
+    fn note_store(&mut self, failed: Option<String>, now: u64) {
+        match (failed, &self.store_error) {
+            (Some(e), None) => self.store_error = Some((now, e)),
+            (Some(e), Some((since, _))) => self.store_error = Some((*since, e)),
+            (None, Some((since, e))) => {
+                info!(
+                    "the store takes writes again after {} s ({e})",
+                    now.saturating_sub(*since) / 1000
+                );
+                self.store_error = None;
+                if let Err(e) = self.node.room_again() {
+                    debug!("{e}");
+                }
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// A stopping agent is done when its commands are recorded or its grace ran out.
+    fn stopped(&self) -> bool {
+        match self.stopping {
+            None => false,
+            Some((_, deadline)) => {
+                let execs = self.running.values().filter(|r| r.cancel.is_some()).count();
+                (execs == 0 && self.unrecorded.is_empty()) || Instant::now() >= deadline
+            }
+        }
+    }
+
+    /// Says offline and disconnects cleanly; the process then exits.
+    fn leave(&mut self) {
+        let presence = self.cfg.presence_topic(&self.cfg.name);
+        let _ = self.link.publish_retained(&presence, b"offline".to_vec());
+        self.link.stop();
+        info!(
+            "stopped; {} command(s) still running will be reported interrupted at the next start",
+            self.running.len()
+        );
+    }
+
     fn on_message(&mut self, topic: &str, payload: &[u8], now: u64) {
         if topic == self.cfg.inbox_topic(&self.cfg.name) {
             self.refresh_trust();
-            let (sender, counter, plain) = match self.open_payload(payload) {
-                Ok(v) => v,
-                Err((kind, detail)) => {
-                    self.reject(&kind, &detail);
-                    return;
-                }
-            };
-            let (packed, bad) = frame::expand(&plain, &sender, &self.cfg.name, now);
-            if let Some(e) = bad {
-                // Authentic but not understood (a newer or broken peer): keep the
-                // whole frames before the fault; the sender resends the rest.
-                self.reject(&format!("bad payload from {sender}"), &e.to_string());
-            }
-            match self.node.on_payload(&sender, &packed, now) {
+            match self.node.on_payload(payload, now) {
                 Ok(report) => {
-                    for why in &report.rejected {
-                        warn!("rejected frame: {why}");
-                    }
-                    if report.deferred > 0 {
-                        debug!(
-                            "{} frames deferred (gap or quota); senders will resend",
-                            report.deferred
-                        );
-                    }
-                    // Only now is the payload's counter spent.
-                    let w = self.windows.entry(sender.clone()).or_default();
-                    w.mark(counter);
-                    let (highest, bits) = (w.highest, w.bits);
-                    if let Err(e) = self
-                        .node
-                        .store_mut()
-                        .set_seal_window(&sender, highest, bits)
-                    {
-                        error!("cannot record the replay window of {sender}: {e}");
-                    }
+                    self.on_report(report);
+                    self.note_store(None, now);
                 }
-                Err(e) => error!("cannot store received payload: {e}"),
+                Err(e) => {
+                    error!("cannot store received payload: {e} (nothing of it kept: the sender resends)");
+                    self.note_store(Some(e.to_string()), now);
+                }
             }
             return;
         }
@@ -308,7 +464,24 @@ impl Agent {
         else {
             return;
         };
+        // Presence of names nobody trusts is noise (or an attack): not recorded.
         if peer == self.cfg.name {
+            // Anyone may publish on our presence topic; while we are up, we are
+            // online, whatever was published there.
+            let forged = payload != b"online";
+            let due = self.presence_fixed_ms.is_none_or(|t| now >= t + 10_000);
+            if forged && due && self.link.is_connected() {
+                warn!(
+                    "this node's presence topic said {:?}; setting it back to online",
+                    String::from_utf8_lossy(&payload[..payload.len().min(32)])
+                );
+                self.presence_fixed_ms = Some(now);
+                let topic = self.cfg.presence_topic(&self.cfg.name);
+                let _ = self.link.publish_retained(&topic, b"online".to_vec());
+            }
+            return;
+        }
+        if !self.node.trusts(&peer) {
             return;
         }
         let online = match payload {
@@ -328,8 +501,16 @@ impl Agent {
         self.retry_at = None;
         // Before sealing anything: a peer trusted a moment ago is sealable now.
         self.refresh_trust();
-        if let Err(e) = self.run_ready(now) {
-            error!("cannot take runnable work: {e}");
+        if !self.unrecorded.is_empty() {
+            self.record_results(now);
+        }
+        // A stopping agent starts nothing new.
+        if self.stopping.is_none() {
+            let taken = self.run_ready(now);
+            if let Err(e) = &taken {
+                error!("cannot take runnable work: {e}");
+            }
+            self.note_store(taken.err().map(|e| e.to_string()), now);
         }
         self.announce_running(now);
         if let Err(e) = self.pump_files(now) {
@@ -345,36 +526,17 @@ impl Agent {
                     if refused.contains(&p.to) {
                         continue;
                     }
-                    let wire = frame::compact(&p.bytes, &self.cfg.name, &p.to, now);
-                    let sealed = match wire
-                        .map_err(|e| e.to_string())
-                        .and_then(|w| self.seal_for(&p.to, &w))
-                    {
-                        Ok(b) => b,
-                        Err(e) => {
-                            self.reject(&format!("cannot seal for {}", p.to), &e);
-                            // Keep it in the outbox; try again after a slow probe interval.
-                            self.node.on_presence(p.to.clone(), false, now);
-                            refused.push(p.to.clone());
-                            continue;
+                    if let Err(e) = self.link.publish(&self.cfg.inbox_topic(&p.to), p.bytes) {
+                        if matches!(e, LinkError::Busy) {
+                            self.retry_at = Some(Instant::now() + Duration::from_millis(20));
+                        } else if !matches!(e, LinkError::NotConnected) {
+                            warn!("cannot publish to {}: {e}", p.to);
                         }
-                    };
-                    match self.link.publish(&self.cfg.inbox_topic(&p.to), sealed) {
-                        Ok(()) => {}
-                        Err(e) => {
-                            if matches!(e, LinkError::Busy) {
-                                self.retry_at = Some(Instant::now() + Duration::from_millis(20));
-                            } else if !matches!(e, LinkError::NotConnected) {
-                                warn!("cannot publish to {}: {e}", p.to);
-                            }
-                            refused.push(p.to.clone());
-                        }
+                        refused.push(p.to.clone());
                     }
                 }
                 for peer in refused {
-                    if self.trust.peers.contains_key(&peer) {
-                        self.node.unsent(&peer, now);
-                    }
+                    self.node.unsent(&peer, now);
                 }
             }
             Err(e) => error!("cannot read the outbox: {e}"),
@@ -472,7 +634,12 @@ impl Agent {
                         self.node.store_mut().record_started(&inbound, *seq)?;
                         consumed = true;
                     }
-                    Body::Ack { .. } => {}
+                    Body::Withdrawn { .. } => {
+                        self.node.store_mut().consume(&inbound)?;
+                        consumed = true;
+                    }
+                    // Unsequenced: never stored in the inbox.
+                    Body::Ack { .. } | Body::Hello { .. } | Body::Sync(_) | Body::Nack { .. } => {}
                 }
             }
             if !consumed {
@@ -495,12 +662,15 @@ impl Agent {
             return Ok(());
         }
         self.refresh_trust();
-        if let Err(reason) = self.trust.authorise(&env.from, &cmd) {
-            warn!("rejected {} from {}: {reason}", cmd.method(), env.from);
-            let r = CmdResult::without_run(seq, Status::Rejected, reason, now);
-            self.node.finish(&inbound, r, now)?;
-            return Ok(());
-        }
+        let policy = match self.trust.authorise(&env.from, &cmd) {
+            Ok(policy) => policy,
+            Err(reason) => {
+                warn!("rejected {} from {}: {reason}", cmd.method(), env.from);
+                let r = CmdResult::without_run(seq, Status::Rejected, reason, now);
+                self.node.finish(&inbound, r, now)?;
+                return Ok(());
+            }
+        };
         let key = (env.from.clone(), env.lane.clone(), seq);
         match cmd {
             Command::Ping => {
@@ -512,11 +682,21 @@ impl Agent {
                 self.node.start(&inbound, now)?;
                 // Journalled as running before it runs: a crash cannot run it twice.
                 self.flush_batch()?;
-                self.running.insert(key, ("exec", now, false));
-                let spec = exec_spec(&e, self.cfg.output_cap as usize);
+                let mut spec = exec_spec(&e, &policy, self.cfg.output_cap as usize);
+                spec.tag = Some(self.tag.clone());
+                let cancel = exec::Canceller::new();
+                self.running.insert(
+                    key,
+                    Running {
+                        method: "exec",
+                        started_ms: now,
+                        announced: false,
+                        cancel: Some(cancel.clone()),
+                    },
+                );
                 let tx = self.tx.clone();
                 smol::spawn(async move {
-                    let out = exec::run(spec).await;
+                    let out = exec::run_cancellable(spec, &cancel).await;
                     let result = exec_result(seq, out);
                     let _ = tx
                         .send(Msg::Done(Box::new(inbound), Box::new(result)))
@@ -527,7 +707,15 @@ impl Agent {
             Command::HttpGet(h) => {
                 self.node.start(&inbound, now)?;
                 self.flush_batch()?;
-                self.running.insert(key, ("http-get", now, false));
+                self.running.insert(
+                    key,
+                    Running {
+                        method: "http-get",
+                        started_ms: now,
+                        announced: false,
+                        cancel: None,
+                    },
+                );
                 let tx = self.tx.clone();
                 smol::spawn(async move {
                     let result = smol::unblock(move || http_get(seq, &h)).await;
@@ -612,45 +800,7 @@ impl Agent {
             None => frame::default_lane(),
         };
         let (command, summary) = command_of(spec)?;
-        let peers = self.node.store().peers().map_err(|e| e.to_string())?;
-        let mut targets: Vec<Name> = Vec::new();
-        let mut notes: Vec<String> = Vec::new();
-        for part in to.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            if part.contains(['*', '?', '[']) {
-                let matched: Vec<&Name> = peers
-                    .iter()
-                    .filter(|(n, online, _)| *online && glob(part, n.as_str()))
-                    .map(|(n, _, _)| n)
-                    .collect();
-                if matched.is_empty() {
-                    return Err(format!("no node seen online matches {part:?}"));
-                }
-                targets.extend(matched.into_iter().cloned());
-            } else {
-                let name = Name::new(part).map_err(|e| e.to_string())?;
-                match peers.iter().find(|(n, _, _)| *n == name) {
-                    None => notes.push(format!(
-                        "{name} has never been seen; the command is queued until it connects"
-                    )),
-                    Some((_, false, _)) => notes.push(format!(
-                        "{name} is offline; the command is queued until it returns"
-                    )),
-                    Some(_) => {}
-                }
-                targets.push(name);
-            }
-        }
-        targets.sort();
-        targets.dedup();
-        if targets.is_empty() {
-            return Err("no target nodes given (--to)".into());
-        }
-        if targets.contains(&self.cfg.name) {
-            return Err(format!(
-                "{} is this node; send to other nodes",
-                self.cfg.name
-            ));
-        }
+        let (targets, notes) = self.resolve_targets(to)?;
         let method = command.method();
         let items = targets
             .iter()
@@ -673,6 +823,63 @@ impl Agent {
         }))
     }
 
+    /// The nodes `to` names: comma-separated names and glob patterns (`*`, `?`).
+    /// Patterns match trusted peers seen online; plain names must be trusted (a
+    /// peer that is not could never open what is sealed for it here) and not this
+    /// node. Notes say which targets are not online. One rule for every request
+    /// that takes `to`.
+    pub(crate) fn resolve_targets(&self, to: &str) -> Result<(Vec<Name>, Vec<String>), String> {
+        let peers = self.node.store().peers().map_err(|e| e.to_string())?;
+        let mut targets: Vec<Name> = Vec::new();
+        let mut notes: Vec<String> = Vec::new();
+        for part in to.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if part.contains(['[', ']', '{', '}']) {
+                return Err(format!(
+                    "{part:?}: only * and ? are pattern characters (use a comma-separated list)"
+                ));
+            }
+            if part.contains(['*', '?']) {
+                let matched: Vec<&Name> = peers
+                    .iter()
+                    .filter(|(n, online, _)| {
+                        *online && self.node.trusts(n) && glob(part, n.as_str())
+                    })
+                    .map(|(n, _, _)| n)
+                    .collect();
+                if matched.is_empty() {
+                    return Err(format!("no trusted node seen online matches {part:?}"));
+                }
+                targets.extend(matched.into_iter().cloned());
+                continue;
+            }
+            let name = Name::new(part).map_err(|e| e.to_string())?;
+            if name == self.cfg.name {
+                return Err(format!("{name} is this node; send to other nodes"));
+            }
+            if !self.node.trusts(&name) {
+                return Err(format!(
+                    "{name} is not in this node's trust file, so nothing sent to it could be sealed; trust it first: outpost keys trust {name} PUBLIC-KEY"
+                ));
+            }
+            match peers.iter().find(|(n, _, _)| *n == name) {
+                None => notes.push(format!(
+                    "{name} has never been seen; queued until it connects"
+                )),
+                Some((_, false, _)) => {
+                    notes.push(format!("{name} is offline; queued until it returns"))
+                }
+                Some(_) => {}
+            }
+            targets.push(name);
+        }
+        targets.sort();
+        targets.dedup();
+        if targets.is_empty() {
+            return Err("no target nodes given (--to)".into());
+        }
+        Ok((targets, notes))
+    }
+
     fn status(&self, now: u64) -> Result<Value, String> {
         let store = self.node.store();
         let (used, quota) = store.usage();
@@ -681,6 +888,11 @@ impl Agent {
         let inbox = store.inbox_depths().map_err(|e| e.to_string())?;
         let peers = store.peers().map_err(|e| e.to_string())?;
         let oldest = store.oldest_unacked().map_err(|e| e.to_string())?;
+        let lost = store.lost().map_err(|e| e.to_string())?;
+        let store_error = self.store_error.as_ref().map(|(since, e)| {
+            json!({ "since_ms": since, "for_s": now.saturating_sub(*since) / 1000, "error": e,
+                    "unrecorded_results": self.unrecorded.len() })
+        });
         Ok(json!({
             "ok": true,
             "node": self.cfg.name.as_str(),
@@ -691,28 +903,40 @@ impl Agent {
                 "since_ms": self.link_since_ms,
                 "for_s": now.saturating_sub(self.link_since_ms) / 1000,
                 "last_error": self.last_error,
+                "presence": if self.poisoned.is_some() { "off" } else { "on" },
+                "poisoned": self.poisoned.map(|(at, size)| json!({
+                    "at_ms": at, "size": size,
+                    "what": "the broker sent a message larger than max_packet; the link reconnected with a clean session and presence is off until the agent restarts",
+                })),
             },
-            "store": { "used": used, "quota": quota, "quarantined": counts.quarantined, "events": counts.events },
+            "store": {
+                "used": used, "quota": quota, "quarantined": counts.quarantined, "events": counts.events,
+                "epoch": format!("{:016x}", self.node.epoch()),
+                "lost": lost.map(|(at_ms, reason)| json!({ "at_ms": at_ms, "reason": reason })),
+                "failing": store_error,
+            },
             "outbox": outbox.iter().map(|(p, l, n)| {
                 let age = oldest.iter().find(|(op, ol, _)| op == p && ol == l).map(|(_, _, c)| now.saturating_sub(*c) / 1000);
                 json!({ "peer": p.as_str(), "lane": l.as_str(), "frames": n, "oldest_unacked_s": age })
             }).collect::<Vec<_>>(),
             "inbox": inbox.iter().map(|(p, l, n)| json!({ "peer": p.as_str(), "lane": l.as_str(), "frames": n })).collect::<Vec<_>>(),
-            "running": self.running.iter().map(|((p, l, s), (m, t, _))| json!({
-                "peer": p.as_str(), "lane": l.as_str(), "seq": s, "method": m, "for_s": now.saturating_sub(*t) / 1000
+            "running": self.running.iter().map(|((p, l, s), r)| json!({
+                "peer": p.as_str(), "lane": l.as_str(), "seq": s, "method": r.method, "for_s": now.saturating_sub(r.started_ms) / 1000
             })).collect::<Vec<_>>(),
             "peers": peers.iter().map(|(n, online, since)| json!({ "name": n.as_str(), "online": online, "since_ms": since })).collect::<Vec<_>>(),
             "security": {
-                "public_key": seal::to_hex(self.keys.public.as_bytes()),
+                "public_key": seal::to_hex(self.node.public_key().as_bytes()),
                 "trusted": self.trust.peers.values().map(|p| json!({ "name": p.name.as_str(), "allow": p.allow })).collect::<Vec<_>>(),
-                "rejected": self.rejected,
+                "rejected": self.rejected.iter().map(|(k, r)| (*k, r.count)).collect::<BTreeMap<_, _>>(),
+                "last_rejected": self.rejected.iter().map(|(k, r)| (*k, r.last.clone())).collect::<BTreeMap<_, _>>(),
             },
         }))
     }
 }
 
 impl Agent {
-    /// Re-reads the trust file when it changed; a broken file keeps the old trust.
+    /// Re-reads the trust file when it changed; a broken file keeps the trust the
+    /// agent had (none, at start).
     fn refresh_trust(&mut self) {
         let path = trust::trust_path(&self.cfg.state_dir);
         let stamp = std::fs::metadata(&path)
@@ -721,105 +945,120 @@ impl Agent {
         if stamp == self.trust_stamp {
             return;
         }
+        let first = self.trust_stamp.is_none();
         self.trust_stamp = stamp;
         match trust::read(&self.cfg.state_dir) {
             Ok(t) => {
                 let names: Vec<&str> = t.peers.keys().map(Name::as_str).collect();
                 info!("trust: {} peer(s): {}", names.len(), names.join(", "));
                 self.trust = t;
-                self.key_cache.clear();
-                // Peers that could not be sealed for may be sealable now.
-                let now = now_ms();
-                for peer in self.trust.peers.keys() {
-                    self.node.on_presence(peer.clone(), true, now);
-                }
+                let keys = self
+                    .trust
+                    .peers
+                    .values()
+                    .map(|p| (p.name.clone(), p.public))
+                    .collect();
+                self.node.set_trust(keys, now_ms());
+                self.subscribe_presence();
             }
-            Err(e) => error!("{e} (keeping the previous trust)"),
+            Err(e) if first && self.trust.peers.is_empty() => error!(
+                "{e} (running with no trusted peers until it is fixed: nothing is accepted or sent)"
+            ),
+            Err(e) => error!(
+                "{e} (keeping the previous trust: {} peer(s))",
+                self.trust.peers.len()
+            ),
         }
     }
 
-    fn direction_key(&mut self, peer: &Name, outgoing: bool) -> Result<&DirectionKey, String> {
-        let k = (peer.clone(), outgoing);
-        if !self.key_cache.contains_key(&k) {
-            let p = self
-                .trust
-                .peers
-                .get(peer)
-                .ok_or_else(|| format!("{peer} is not in the trust file"))?;
-            let theirs = x25519_dalek::PublicKey::from(p.public);
-            let (me, ours) = (&self.cfg.name, self.keys.public);
-            let key = if outgoing {
-                seal::derive(&self.keys.secret, &theirs, me, peer, &ours, &theirs)
+    /// Presence of this node and of every trusted peer: nothing of the rest of the
+    /// fleet is downloaded.
+    fn subscribe_presence(&self) {
+        let topics = std::iter::once(&self.cfg.name)
+            .chain(self.trust.peers.keys())
+            .map(|n| self.cfg.presence_topic(n))
+            .collect();
+        self.link.set_extra_subscriptions(topics);
+    }
+
+    /// Logs and counts what a received payload amounted to.
+    fn on_report(&mut self, report: Report) {
+        if let Some(refusal) = &report.refused {
+            self.reject(refusal.kind().as_str(), &refusal.to_string());
+            return;
+        }
+        let sender = report
+            .sender
+            .clone()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        if let Some(e) = &report.malformed {
+            // Authentic but not understood (a newer or broken peer): the whole
+            // frames before the fault were kept; the sender resends the rest.
+            self.reject("bad payload", &format!("from {sender}: {e}"));
+        }
+        if let Some(old) = report.new_epoch {
+            if old == 0 {
+                info!("first contact with {sender}'s store; synchronising streams");
             } else {
-                seal::derive(&self.keys.secret, &theirs, peer, me, &theirs, &ours)
+                warn!(
+                    "{sender} has a new store (its earlier one was lost or went back in time); synchronising streams"
+                );
             }
-            .map_err(|e| e.to_string())?;
-            self.key_cache.insert(k.clone(), key);
         }
-        Ok(&self.key_cache[&k])
-    }
-
-    /// Seals packed frames for `peer` with the next reserved counter.
-    fn seal_for(&mut self, peer: &Name, plain: &[u8]) -> Result<Vec<u8>, String> {
-        self.direction_key(peer, true)?;
-        let range = self.counters.entry(peer.clone()).or_insert(0..0);
-        if range.is_empty() {
-            *range = self
-                .node
-                .store_mut()
-                .reserve_counters(peer, 1024)
-                .map_err(|e| e.to_string())?;
+        if let Some(outcome) = &report.synced {
+            info!("streams with {sender} synchronised");
+            for (lane, from, to) in &outcome.lost_out {
+                error!(
+                    "{sender} lost frames {from}..={to} on {lane} with its earlier store; {} command(s) reported interrupted",
+                    outcome.interrupted
+                );
+            }
+            for (lane, from, to) in &outcome.lost_in {
+                error!("frames {from}..={to} from {sender} on {lane} were taken by an earlier store of this node and are lost");
+            }
         }
-        let counter = range.start;
-        range.start += 1;
-        let header = Header {
-            sender: self.cfg.name.clone(),
-            receiver: peer.clone(),
-            counter,
-        };
-        Ok(seal::seal(
-            &self.key_cache[&(peer.clone(), true)],
-            &header,
-            plain,
-        ))
-    }
-
-    /// Checks and opens a payload: (sender, counter, packed frames), or (kind, detail).
-    fn open_payload(&mut self, payload: &[u8]) -> Result<(Name, u64, Vec<u8>), (String, String)> {
-        let (header, len) = Header::parse(payload, &self.cfg.name)
-            .map_err(|e| ("unsealed".to_string(), e.to_string()))?;
-        // The receiver is not sent: a payload meant for another node fails its tag.
-        let from = header.sender.clone();
-        let key = self
-            .direction_key(&from, false)
-            .map_err(|e| (format!("untrusted sender {from}"), e))?;
-        let plain = seal::open(key, payload, &header, len)
-            .map_err(|e| (format!("bad seal from {from}"), e.to_string()))?;
-        if !self.windows.contains_key(&from) {
-            let (highest, bits) = self
-                .node
-                .store()
-                .seal_window(&from)
-                .map_err(|e| ("store".to_string(), e.to_string()))?;
-            self.windows.insert(from.clone(), Window { highest, bits });
+        for why in &report.rejected {
+            warn!("rejected frame: {why}");
         }
-        if !self.windows[&from].fresh(header.counter) {
-            let detail = format!("payload counter {} already seen", header.counter);
-            return Err((format!("replay from {from}"), detail));
-        }
-        Ok((from, header.counter, plain))
-    }
-
-    /// Counts a dropped payload; logs the first of each kind.
-    fn reject(&mut self, kind: &str, detail: &str) {
-        let n = self.rejected.entry(kind.to_string()).or_insert(0);
-        *n += 1;
-        if *n == 1 {
-            warn!(
-                "dropped payload: {kind}: {detail} (further ones are counted in `outpost status`)"
+        if report.deferred > 0 {
+            debug!(
+                "{} frames from {sender} deferred (gap, quota, or not yet synchronised); it will resend",
+                report.deferred
             );
         }
     }
+
+    /// Counts a dropped payload by kind; logs the first of each kind, then at most
+    /// one line a minute per kind with how many more there were.
+    fn reject(&mut self, kind: &'static str, detail: &str) {
+        let now = now_ms();
+        let r = self.rejected.entry(kind).or_default();
+        r.count += 1;
+        r.last = detail.chars().take(200).collect();
+        let quiet = r.logged_ms.is_some_and(|t| now < t + 60_000);
+        if !quiet {
+            let more = r.count - r.count_logged;
+            let tail = if more > 1 {
+                format!(" ({} in all since the last report)", more)
+            } else {
+                String::new()
+            };
+            warn!("dropped payload: {kind}: {detail}{tail} (counted in `outpost status`)");
+            r.logged_ms = Some(now);
+            r.count_logged = r.count;
+        }
+    }
+}
+
+/// Payloads dropped for one reason.
+#[derive(Debug, Default)]
+struct Rejections {
+    count: u64,
+    /// The latest one, in words.
+    last: String,
+    logged_ms: Option<u64>,
+    count_logged: u64,
 }
 
 fn load_or_create_keys(cfg: &Config) -> Result<Keys, String> {
@@ -839,7 +1078,7 @@ impl Agent {
         let due: Vec<(Name, Lane, u64)> = self
             .running
             .iter()
-            .filter(|(_, r)| !r.2 && now >= r.1 + STARTED_AFTER_MS)
+            .filter(|(_, r)| !r.announced && now >= r.started_ms + STARTED_AFTER_MS)
             .map(|(k, _)| k.clone())
             .collect();
         for (peer, lane, seq) in due {
@@ -853,7 +1092,7 @@ impl Agent {
                 debug!("cannot announce {lane}#{seq} running to {peer}: {e}");
             }
             if let Some(r) = self.running.get_mut(&(peer, lane, seq)) {
-                r.2 = true;
+                r.announced = true;
             }
         }
     }
@@ -923,11 +1162,23 @@ fn command_of(spec: CommandSpec) -> Result<(Command, String), String> {
     })
 }
 
-fn exec_spec(e: &Exec, output_cap: usize) -> exec::Spec {
+fn exec_spec(e: &Exec, policy: &ExecPolicy, output_cap: usize) -> exec::Spec {
+    let (base, cwd) = match policy {
+        ExecPolicy::Unrestricted => (None, e.cwd.as_ref().map(Into::into)),
+        ExecPolicy::Limited { cwd } => {
+            let base = trust::CLEAN_ENV
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            (Some(base), Some(cwd.into()))
+        }
+    };
     exec::Spec {
         argv: e.argv.clone(),
         env: e.env.clone(),
-        cwd: e.cwd.as_ref().map(Into::into),
+        base,
+        tag: None,
+        cwd,
         stdin: e.stdin.clone(),
         timeout: Duration::from_millis(u64::from(e.timeout_ms.max(1))),
         output_cap,

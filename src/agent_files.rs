@@ -8,7 +8,7 @@
 
 use serde_json::{json, Value};
 
-use super::{glob, Agent};
+use super::Agent;
 use crate::files;
 use crate::frame::{Body, FileOffer, FileState, Name};
 use crate::store::{bulk_lane, control_lane, HeldFile, Inbound, Outgoing, StoreError, Transfer};
@@ -342,25 +342,7 @@ impl Agent {
             } => {
                 let path = std::path::PathBuf::from(path);
                 let id = id.unwrap_or_else(|| files::id_for(&path));
-                let peers = self.node.store().peers().map_err(|e| e.to_string())?;
-                let mut targets = Vec::new();
-                for part in to.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                    if part.contains(['*', '?']) {
-                        let m: Vec<Name> = peers
-                            .iter()
-                            .filter(|(n, on, _)| *on && glob(part, n.as_str()))
-                            .map(|(n, _, _)| n.clone())
-                            .collect();
-                        if m.is_empty() {
-                            return Err(format!("no node seen online matches {part:?}"));
-                        }
-                        targets.extend(m);
-                    } else {
-                        targets.push(Name::new(part).map_err(|e| e.to_string())?);
-                    }
-                }
-                targets.sort();
-                targets.dedup();
+                let (targets, _) = self.resolve_targets(&to)?;
                 let mut out = Vec::new();
                 for peer in targets {
                     let t = self.offer(&peer, &path, &id, ttl_s, now)?;

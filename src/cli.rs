@@ -321,9 +321,19 @@ pub struct KeysTrust {
     /// methods the peer may use here: exec, ping, http-get, files (empty: none)
     #[argh(option, default = "String::new()")]
     pub allow: String,
-    /// limit exec to these program paths, comma-separated
+    /// limit exec to these program paths, comma-separated; such an exec runs with a
+    /// clean environment, in /, without stdin (see --exec-env, --exec-cwd, --exec-stdin)
     #[argh(option)]
     pub exec_path: Option<String>,
+    /// for a path-limited exec: variables the peer may set, comma-separated
+    #[argh(option)]
+    pub exec_env: Option<String>,
+    /// for a path-limited exec: directories it may run in, comma-separated
+    #[argh(option)]
+    pub exec_cwd: Option<String>,
+    /// for a path-limited exec: allow the peer to send stdin
+    #[argh(switch)]
+    pub exec_stdin: bool,
     /// the peer's name
     #[argh(positional)]
     pub name: String,

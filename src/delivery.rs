@@ -33,6 +33,10 @@ pub struct DeliveryConfig {
     /// payloads instead of each paying for a seal and an MQTT header.
     pub hold_ms: u64,
     pub hold_max: u64,
+    /// A peer said to be offline still gets its unacknowledged frames this long
+    /// after it went quiet, then at the resend timer's pace: presence is a hint
+    /// (anyone can publish it), never a reason to hold traffic for long.
+    pub offline_probe_ms: u64,
 }
 
 impl Default for DeliveryConfig {
@@ -47,6 +51,7 @@ impl Default for DeliveryConfig {
             online_grace_ms: 3_000,
             hold_ms: 100,
             hold_max: 32,
+            offline_probe_ms: 30_000,
         }
     }
 }
@@ -91,6 +96,19 @@ pub enum Event {
         peer: Name,
         lane: Lane,
         upto: u64,
+    },
+    /// The peer has frames up to `upto` and asks for what follows again now.
+    Nacked {
+        peer: Name,
+        lane: Lane,
+        upto: u64,
+    },
+    /// Whether the streams with `peer` are synchronised (see `node`): nothing is
+    /// sent to a peer, acknowledgements included, until they are. Every peer starts
+    /// unsynchronised; on becoming synchronised everything unacknowledged goes.
+    Synced {
+        peer: Name,
+        synced: bool,
     },
     /// We stored (or dropped as duplicate) a frame of the peer's stream; the store's
     /// watermark is now `watermark`. Duplicates mean the sender missed our ack.
@@ -155,6 +173,8 @@ pub struct Delivery {
     out: BTreeMap<Key, Out>,
     acks: BTreeMap<Key, PendingAck>,
     presence: BTreeMap<Name, Presence>,
+    /// Peers whose streams are synchronised; everyone else is paused.
+    synced: std::collections::BTreeSet<Name>,
 }
 
 impl Delivery {
@@ -165,6 +185,7 @@ impl Delivery {
             out: BTreeMap::new(),
             acks: BTreeMap::new(),
             presence: BTreeMap::new(),
+            synced: std::collections::BTreeSet::new(),
         }
     }
 
@@ -222,6 +243,26 @@ impl Delivery {
                     s.hold_until_ms = None;
                 }
             }
+            Event::Synced { peer, synced } => {
+                if synced {
+                    if self.synced.insert(peer.clone()) {
+                        for ((p, _), s) in self.out.iter_mut() {
+                            if *p == peer {
+                                rewind(s, self.cfg.rto_min_ms);
+                            }
+                        }
+                    }
+                } else {
+                    self.synced.remove(&peer);
+                }
+            }
+            Event::Nacked { peer, lane, upto } => {
+                let key = (peer.clone(), lane.clone());
+                self.handle(Event::Acked { peer, lane, upto }, now_ms);
+                if let Some(s) = self.out.get_mut(&key) {
+                    rewind(s, self.cfg.rto_min_ms);
+                }
+            }
             Event::Acked { peer, lane, upto } => {
                 self.heard_from(&peer, now_ms);
                 let key = (peer, lane);
@@ -274,11 +315,15 @@ impl Delivery {
         }
         let mut sends: Vec<(LaneClass, Action)> = Vec::new();
         for ((peer, lane), s) in self.out.iter_mut() {
+            if !self.synced.contains(peer) {
+                continue;
+            }
             let offline = self.presence.get(peer) == Some(&Presence::Offline);
             if offline && s.deadline_ms.is_none_or(|d| now_ms < d) {
-                // Paused, but not forever: presence can be stale (a last will that
-                // overtook the peer's reconnect), so probe at the slowest rate.
-                s.deadline_ms.get_or_insert(now_ms + self.cfg.rto_max_ms);
+                // Paused, but not for long: presence can be stale (a last will
+                // that overtook the peer's reconnect) or forged, so probe soon.
+                s.deadline_ms
+                    .get_or_insert(now_ms + self.cfg.offline_probe_ms);
                 continue;
             }
             if let Some(deadline) = s.deadline_ms {
@@ -336,10 +381,11 @@ impl Delivery {
             .acks
             .iter()
             .filter(|(k, a)| {
-                a.now
-                    || a.n >= self.cfg.ack_every
-                    || now_ms >= a.since_ms + self.cfg.ack_delay_ms
-                    || sending.contains(&&k.0)
+                self.synced.contains(&k.0)
+                    && (a.now
+                        || a.n >= self.cfg.ack_every
+                        || now_ms >= a.since_ms + self.cfg.ack_delay_ms
+                        || sending.contains(&&k.0))
             })
             .map(|(k, _)| k.clone())
             .collect();
@@ -362,14 +408,21 @@ impl Delivery {
         if !self.connected {
             return None;
         }
-        let acks = self.acks.values().map(|a| {
-            if a.now {
-                a.since_ms
-            } else {
-                a.since_ms + self.cfg.ack_delay_ms
-            }
-        });
+        let acks = self
+            .acks
+            .iter()
+            .filter(|(k, _)| self.synced.contains(&k.0))
+            .map(|(_, a)| {
+                if a.now {
+                    a.since_ms
+                } else {
+                    a.since_ms + self.cfg.ack_delay_ms
+                }
+            });
         let resends = self.out.iter().filter_map(|((peer, _), s)| {
+            if !self.synced.contains(peer) {
+                return None;
+            }
             let offline = self.presence.get(peer) == Some(&Presence::Offline);
             match s.deadline_ms {
                 // The next poll arms the slow probe timer.
@@ -383,7 +436,9 @@ impl Delivery {
             .out
             .iter()
             .filter(|((peer, _), s)| {
-                s.sent < s.last && self.presence.get(peer) != Some(&Presence::Offline)
+                s.sent < s.last
+                    && self.synced.contains(peer)
+                    && self.presence.get(peer) != Some(&Presence::Offline)
             })
             .filter_map(|(_, s)| s.hold_until_ms);
         acks.chain(resends).chain(holds).min()
@@ -402,6 +457,43 @@ impl Delivery {
                 }
             }
         }
+    }
+
+    /// Takes the store's view of every stream with unacknowledged frames, as
+    /// `(peer, lane, acked, last)`: new streams are added, known ones set to it
+    /// (timers kept when it only moved forward), and streams the store no longer
+    /// lists are dropped.
+    pub fn reconcile(&mut self, streams: Vec<(Name, Lane, u64, u64)>) {
+        let listed: std::collections::BTreeSet<Key> = streams
+            .iter()
+            .map(|(p, l, _, _)| (p.clone(), l.clone()))
+            .collect();
+        self.out.retain(|k, _| listed.contains(k));
+        let rto_ms = self.cfg.rto_min_ms;
+        for (peer, lane, acked, last) in streams {
+            let s = self.out.entry((peer, lane)).or_insert(Out {
+                acked,
+                last,
+                sent: acked,
+                rto_ms,
+                deadline_ms: None,
+                hold_until_ms: None,
+            });
+            s.last = s.last.max(last);
+            if acked > s.acked {
+                s.acked = acked;
+                s.sent = s.sent.max(acked);
+            } else if acked < s.acked {
+                // The store is the truth: what it still holds goes again.
+                s.acked = acked;
+                rewind(s, rto_ms);
+            }
+        }
+    }
+
+    /// Whether frames wait to go to `peer` (sent or not).
+    pub fn has_work_for(&self, peer: &Name) -> bool {
+        self.out.keys().any(|(p, _)| p == peer) || self.acks.keys().any(|(p, _)| p == peer)
     }
 
     /// Streams with unacknowledged frames: (peer, lane, acked, last).
@@ -433,7 +525,20 @@ mod tests {
             ..DeliveryConfig::default()
         });
         d.handle(Event::Connected, 0);
+        synced(&mut d);
         d
+    }
+
+    fn synced(d: &mut Delivery) {
+        for p in ["a", "b"] {
+            d.handle(
+                Event::Synced {
+                    peer: n(p),
+                    synced: true,
+                },
+                0,
+            );
+        }
     }
 
     fn send(peer: &str, lane: &str, from: u64, to: u64) -> Action {
@@ -600,6 +705,7 @@ mod tests {
         let cfg = DeliveryConfig::default();
         let mut d = Delivery::new(cfg.clone());
         d.handle(Event::Connected, 0);
+        synced(&mut d);
         let queue = |d: &mut Delivery, seq: u64, now: u64| {
             d.handle(
                 Event::Enqueued {

@@ -197,18 +197,11 @@ fn introduce(dir: &Path) -> Result<(), String> {
     for (i, node) in ["node-a", "node-b"].into_iter().enumerate() {
         let allow = vec!["exec".to_string()];
         let central = trust::Peer {
-            name: name("central"),
-            public: public[0],
             allow,
-            exec_paths: vec![],
+            ..trust::Peer::new(name("central"), public[0])
         };
         trust::upsert(&dir.join(node), central)?;
-        let peer = trust::Peer {
-            name: name(node),
-            public: public[i + 1],
-            allow: vec![],
-            exec_paths: vec![],
-        };
+        let peer = trust::Peer::new(name(node), public[i + 1]);
         trust::upsert(&dir.join("central"), peer)?;
     }
     Ok(())

@@ -5,9 +5,15 @@
 //! spawned. A dedicated thread per command waits for the group leader to exit;
 //! see [`run_cancellable`] for why that is a thread and not a reaper callback.
 //!
+//! The group leader gets SIGKILL if the agent dies (`PR_SET_PDEATHSIG`), and every
+//! process of a command carries [`TAG_VAR`] in its environment, so an agent that
+//! starts after one was killed finds and kills whatever its predecessor left
+//! ([`kill_tagged`]) before anything runs again.
+//!
 //! Known limit: a descendant that leaves the group (`setsid`, `setpgid`) is out of
 //! reach of the group kill. It cannot keep [`run`] waiting past [`DRAIN_GRACE`]
-//! after the main process exits, but it is left running.
+//! after the main process exits, but it is left running (and one that also clears
+//! its environment escapes [`kill_tagged`]).
 
 use std::collections::VecDeque;
 use std::io;
@@ -32,13 +38,22 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(1);
 /// (uninterruptible I/O on a dead NFS mount, say); the command stream must move on.
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
 
+/// The variable every command's processes carry: the state directory of the agent
+/// that started them.
+pub const TAG_VAR: &str = "OUTPOST_AGENT";
+
 /// What to run and within which limits.
 #[derive(Debug, Clone)]
 pub struct Spec {
     /// `argv[0]` is the program, looked up in `PATH`; no shell is involved.
     pub argv: Vec<String>,
-    /// Added to the inherited environment.
+    /// Added to the inherited environment, or to `base` when it is set.
     pub env: Vec<(String, String)>,
+    /// When set, nothing of the agent's environment is inherited: the command
+    /// starts from exactly these variables (then `env`).
+    pub base: Option<Vec<(String, String)>>,
+    /// The value of [`TAG_VAR`] for this command's processes, if any.
+    pub tag: Option<String>,
     pub cwd: Option<PathBuf>,
     /// Written to the process, then its stdin is closed; empty means stdin is
     /// `/dev/null`.
@@ -298,10 +313,28 @@ fn spawn(spec: &Spec) -> Result<Child, String> {
         return Err("cannot run an empty command".into());
     };
     let mut cmd = std::process::Command::new(program);
+    if let Some(base) = &spec.base {
+        cmd.env_clear().envs(base.iter().map(|(k, v)| (k, v)));
+    }
+    if let Some(tag) = &spec.tag {
+        cmd.env(TAG_VAR, tag);
+    }
+    // SAFETY: the hook runs in the child between fork and exec and calls only
+    // async-signal-safe functions (prctl, getppid, _exit).
+    let parent = std::process::id() as libc::pid_t;
+    unsafe {
+        cmd.pre_exec(move || {
+            // Dies with the agent rather than outliving it; if the agent is already
+            // gone (it died between fork and here), do not start at all.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            if libc::getppid() != parent {
+                libc::_exit(137);
+            }
+            Ok(())
+        });
+    }
     cmd.args(&spec.argv[1..])
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        // Same as setpgid(0, 0) in the child, but without an unsafe pre_exec hook,
-        // which would also rule out std's posix_spawn fast path.
         .process_group(0)
         .stdin(if spec.stdin.is_empty() {
             Stdio::null()
@@ -358,6 +391,68 @@ fn wait_leader(mut child: Child, group: &Mutex<Group>) -> io::Result<ExitStatus>
     // be reused, so the group must not be signalled again.
     g.reaped = true;
     child.wait()
+}
+
+/// Kills every process whose environment has [`TAG_VAR`] set to `tag` (what an
+/// earlier agent on the same state directory left running), with its process
+/// group, and waits up to `patience` for them to be gone. Returns how many were
+/// found. Processes of other users are not readable and not touched.
+pub fn kill_tagged(tag: &str, patience: Duration) -> usize {
+    let needle = format!("{TAG_VAR}={tag}");
+    let me = std::process::id();
+    let found: Vec<libc::pid_t> = tagged(&needle, me);
+    for &pid in &found {
+        // SAFETY: kill/killpg/getpgid have no memory-safety preconditions.
+        unsafe {
+            let pgid = libc::getpgid(pid);
+            if pgid > 1 && pgid != libc::getpgrp() {
+                libc::killpg(pgid, libc::SIGKILL);
+            }
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+    let deadline = Instant::now() + patience;
+    while !tagged(&needle, me).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    found.len()
+}
+
+/// Live (not zombie) processes other than `me` whose environment holds `needle`.
+fn tagged(needle: &str, me: u32) -> Vec<libc::pid_t> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        if zombie {
+            continue;
+        }
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if env.split(|&b| b == 0).any(|v| v == needle.as_bytes()) {
+            out.push(pid as libc::pid_t);
+        }
+    }
+    out
 }
 
 /// Write all of `input` to the child's stdin, then close it.
@@ -461,6 +556,8 @@ mod tests {
         Spec {
             argv: argv.iter().map(|a| a.to_string()).collect(),
             env: Vec::new(),
+            base: None,
+            tag: None,
             cwd: None,
             stdin: Vec::new(),
             timeout: PATIENCE,
@@ -590,6 +687,41 @@ mod tests {
             dir.0.canonicalize().unwrap().display()
         );
         assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+    }
+
+    #[test]
+    fn tagged_processes_are_found_and_killed_with_their_group() {
+        let dir = TempDir::new("tagged");
+        let pidfile = dir.0.join("pids");
+        let tag = format!("test-{}", std::process::id());
+        let mut s = sh(SPAWN_AND_RECORD);
+        s.env = vec![("F".into(), pidfile.display().to_string())];
+        s.tag = Some(tag.clone());
+        // Started and abandoned, as by an agent that died: a detached runner thread.
+        let runner = std::thread::spawn(move || smol::block_on(run(s)));
+        let pids = smol::block_on(pids_from(&pidfile));
+        assert_eq!(
+            kill_tagged(&tag, PATIENCE),
+            2,
+            "both processes carry the tag"
+        );
+        assert_all_gone(&pids);
+        assert_eq!(
+            runner.join().unwrap().outcome,
+            Outcome::Signalled(libc::SIGKILL)
+        );
+        assert_eq!(kill_tagged(&tag, PATIENCE), 0);
+    }
+
+    #[test]
+    fn a_base_environment_replaces_the_inherited_one() {
+        // Cargo sets it for this process: a command with a base must not see it.
+        assert!(std::env::var_os("CARGO_PKG_NAME").is_some());
+        let mut s = sh(r#"echo "${HOME:-unset} ${CARGO_PKG_NAME:-unset} ${X:-unset}""#);
+        s.base = Some(vec![("HOME".into(), "/".into())]);
+        s.env = vec![("X".into(), "1".into())];
+        let out = smol::block_on(run(s));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "/ unset 1\n");
     }
 
     #[test]

@@ -207,6 +207,58 @@ pub enum Body {
     Started {
         seq: u64,
     },
+    /// "Tell me where our streams stand": answered with a [`Body::Sync`] that
+    /// echoes `nonce`, which proves the answer fresh (a payload delayed from a
+    /// store that has since been replaced cannot echo it). The only frame a payload
+    /// sealed without knowing the receiver's store epoch may carry; harmless to
+    /// replay. Unsequenced.
+    Hello {
+        nonce: u64,
+    },
+    /// Where the sender's streams with the receiver stand, sent when either side's
+    /// store is new to the other (first contact, or a store that was lost or went
+    /// back in time). Until a node has applied its peer's `Sync` it neither takes
+    /// nor acknowledges the peer's sequenced frames. Unsequenced.
+    Sync(Sync),
+    /// "Everything of this stream up to `upto` is stored here; send what follows
+    /// again now" (frames were dropped here, e.g. for lack of disk space).
+    /// Unsequenced.
+    Nack {
+        upto: u64,
+    },
+    /// Stands in for a command its sender withdrew before it was delivered (its ttl
+    /// passed at the sender): consumed without effect.
+    Withdrawn {
+        reason: String,
+    },
+}
+
+/// One side's view of its streams with a peer; see [`Body::Sync`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sync {
+    /// The sender wants the receiver's own `Sync` in return.
+    pub want: bool,
+    /// The nonce of the [`Body::Hello`] this answers, 0 for none.
+    pub echo: u64,
+    /// Streams receiver -> sender: the sender's watermark per lane (every frame up
+    /// to it is stored or consumed there).
+    pub received: Vec<(Lane, u64)>,
+    /// Streams sender -> receiver.
+    pub sent: Vec<SentStream>,
+}
+
+/// The sending side of one stream, as a [`Sync`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentStream {
+    pub lane: Lane,
+    /// Highest frame the receiver (or an earlier store of it) acknowledged: frames up
+    /// to here are gone from the sender.
+    pub acked: u64,
+    /// Highest frame numbered so far.
+    pub last: u64,
+    /// Frames up to here may have reached an earlier store of the receiver, which
+    /// is gone: the receiver must not run such a command again.
+    pub doubt: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,7 +286,10 @@ pub enum FileState {
 impl Body {
     /// Control bodies are never sequenced or stored in an outbox.
     pub fn is_control(&self) -> bool {
-        matches!(self, Body::Ack { .. })
+        matches!(
+            self,
+            Body::Ack { .. } | Body::Hello { .. } | Body::Sync(_) | Body::Nack { .. }
+        )
     }
 }
 
@@ -248,6 +303,11 @@ pub enum Command {
 }
 
 impl Command {
+    /// Whether the sender asked for it to run again after a crash interrupted it.
+    pub fn reruns(&self) -> bool {
+        matches!(self, Command::Exec(e) if e.rerun)
+    }
+
     /// The method name used in authorisation and on the command line.
     pub fn method(&self) -> &'static str {
         match self {

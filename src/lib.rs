@@ -13,6 +13,7 @@
 //!   and tokio.
 //! - [`seal`]: sealed payloads (X25519, HKDF, ChaCha20-Poly1305) and the replay
 //!   window; pure.
+//! - [`session`]: per-peer store epochs, opening and sealing, replay windows; pure.
 //! - [`trust`]: key files, the trust file and per-sender authorisation.
 //! - [`control`]: the local unix-socket protocol used by the CLI.
 //! - [`agent`]: the event loop that wires node, link, exec and the control socket.
@@ -35,5 +36,6 @@ pub mod frame;
 pub mod link;
 pub mod node;
 pub mod seal;
+pub mod session;
 pub mod store;
 pub mod trust;

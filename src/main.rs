@@ -412,16 +412,20 @@ fn keys(args: KeysArgs) -> Result<ExitCode, String> {
                     trust::METHODS.join(", ")
                 ));
             }
-            let exec_paths = t.exec_path.as_deref().map(split).unwrap_or_default();
-            trust::upsert(
-                &dir,
-                trust::Peer {
-                    name: name.clone(),
-                    public,
-                    allow: allow.clone(),
-                    exec_paths,
-                },
-            )?;
+            let peer = trust::Peer {
+                name: name.clone(),
+                public,
+                allow: allow.clone(),
+                exec_paths: t.exec_path.as_deref().map(split).unwrap_or_default(),
+                exec_env: t.exec_env.as_deref().map(split).unwrap_or_default(),
+                exec_cwd: t.exec_cwd.as_deref().map(split).unwrap_or_default(),
+                exec_stdin: t.exec_stdin,
+            };
+            // One set of rules for a line, whether written here or by hand.
+            let mut one = trust::Trust::default();
+            one.peers.insert(name.clone(), peer.clone());
+            trust::Trust::parse(&one.render()).map_err(|e| e.replace("trust line 1: ", ""))?;
+            trust::upsert(&dir, peer)?;
             println!(
                 "trusting {name} for {}",
                 if allow.is_empty() {

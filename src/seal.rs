@@ -4,21 +4,34 @@
 //! clear:
 //!
 //! ```text
-//! version u8 | sender len u8 | sender | counter (LEB128 varint)
+//! 001E HHHH | sender len u8 | sender | [sender epoch u64 LE, if E] | counter (LEB128 varint)
 //! ```
 //!
-//! The receiver is not sent (the topic names it, and only its key opens the payload);
-//! the associated data is the header followed by `receiver len u8 | receiver`, so a
-//! payload is still bound to the one receiver it was sealed for.
+//! The first byte carries the format (`001` in the top bits: version 3), flag `E`
+//! (the sender's store epoch follows the name) and `HHHH`, the low four bits of
+//! the receiver's epoch the payload was sealed for (0: the sender does not know it;
+//! only a [`crate::frame::Body::Hello`] may travel so). The receiver is not sent
+//! (the topic names it, and only its key opens the payload); the associated data is
+//! the header followed by `receiver len u8 | receiver`, so a payload is still bound
+//! to the one receiver it was sealed for.
 //!
-//! The key for one direction (sender -> receiver) is
-//! `HKDF-SHA256(salt = "outpost seal v1", ikm = X25519(own secret, peer public),
-//! info = "outpost seal v1|" sender "|" receiver "|" sender public "|" receiver public)`,
-//! so the two directions never share a key. The AEAD is ChaCha20-Poly1305 with the
-//! nonce `[0; 4] ++ counter LE`; the counter is per (sender, receiver), strictly
-//! increasing and reserved in the store before use, so a nonce is never reused for
-//! a key. Receivers keep the highest counter seen and a 64-bit window of the ones
-//! below it ([`Window`]) to reject replays.
+//! Every store has a random *epoch*, made when the store is created or found to
+//! have lost committed state (see `store`). The key for one direction
+//! (sender -> receiver) is
+//! `HKDF-SHA256(salt = "outpost seal v3", ikm = X25519(own secret, peer public),
+//! info = "outpost seal v3|" sender "|" receiver "|" sender public "|" receiver
+//! public "|" sender epoch "|" receiver epoch)`,
+//! so the two directions never share a key, and neither does any pair of store
+//! lifetimes: a store that is deleted or goes back in time seals under a new key
+//! (its counters can start again without reusing a nonce), and payloads sealed for
+//! a receiver's earlier store no longer open. The AEAD is ChaCha20-Poly1305 with the
+//! nonce `[0; 4] ++ counter LE`; the counter is per (sender store, receiver),
+//! strictly increasing and reserved in the store before use, so a nonce is never
+//! reused for a key. Receivers keep the highest counter seen and a 64-bit window of
+//! the ones below it ([`Window`]) per sender epoch to reject replays.
+//!
+//! The epoch is sent only while the receiver may not know it, so a payload between
+//! two nodes that know each other costs no more than before.
 //!
 //! Pure: no I/O, no clock. Crypto comes from ring and x25519-dalek.
 
@@ -28,10 +41,14 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::frame::Name;
 
-/// 1 sent the receiver's name and a fixed 8-byte counter; 2 is 5 to 15 bytes shorter.
-pub const SEAL_VERSION: u8 = 2;
+/// 1 sent the receiver's name and a fixed 8-byte counter; 2 was one key per node
+/// pair; 3 binds both store epochs into the key.
+pub const SEAL_VERSION: u8 = 3;
 pub const TAG_LEN: usize = 16;
-const LABEL: &[u8] = b"outpost seal v1";
+const LABEL: &[u8] = b"outpost seal v3";
+/// Top three bits of the first header byte for version 3.
+const V3: u8 = 0b001 << 5;
+const HAS_EPOCH: u8 = 1 << 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SealError {
@@ -45,11 +62,31 @@ pub enum SealError {
     WeakKey,
 }
 
+/// The four bits of `epoch` a header names it by; never 0 for a real epoch.
+pub fn hint(epoch: u64) -> u8 {
+    (epoch & 0xf) as u8
+}
+
+/// Makes a store epoch from 64 random bits: never 0 (0 means "unknown"), and its
+/// [`hint`] never 0 either.
+pub fn epoch_from(random: u64) -> u64 {
+    if random & 0xf == 0 {
+        random | 1
+    } else {
+        random
+    }
+}
+
 /// The clear part of a sealed payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
     pub sender: Name,
     pub receiver: Name,
+    /// The sender's store epoch, sent while the receiver may not know it.
+    pub sender_epoch: Option<u64>,
+    /// [`hint`] of the receiver epoch this was sealed for; 0 when the sender does
+    /// not know the receiver's epoch.
+    pub receiver_hint: u8,
     pub counter: u64,
 }
 
@@ -57,10 +94,18 @@ impl Header {
     /// The header as sent.
     fn encode(&self) -> Vec<u8> {
         let s = self.sender.as_str().as_bytes();
-        let mut out = Vec::with_capacity(2 + s.len() + 10);
-        out.push(SEAL_VERSION);
+        let mut out = Vec::with_capacity(2 + s.len() + 8 + 10);
+        let flag = if self.sender_epoch.is_some() {
+            HAS_EPOCH
+        } else {
+            0
+        };
+        out.push(V3 | flag | (self.receiver_hint & 0xf));
         out.push(s.len() as u8);
         out.extend_from_slice(s);
+        if let Some(e) = self.sender_epoch {
+            out.extend_from_slice(&e.to_le_bytes());
+        }
         let mut c = self.counter;
         while c >= 0x80 {
             out.push((c as u8) | 0x80);
@@ -91,12 +136,27 @@ impl Header {
             at += n;
             Ok(part)
         };
-        let version = take(1)?[0];
-        if version != SEAL_VERSION {
-            return Err(SealError::Version(version));
+        let first = take(1)?[0];
+        if first & 0b1110_0000 != V3 {
+            // Version 2 and earlier put the version number in the whole byte.
+            return Err(SealError::Version(if first < 0x20 {
+                first
+            } else {
+                first >> 5
+            }));
         }
         let n = take(1)?[0] as usize;
         let sender = name(take(n)?)?;
+        let sender_epoch = if first & HAS_EPOCH != 0 {
+            let b = take(8)?;
+            let e = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+            if e == 0 {
+                return Err(SealError::Malformed("zero epoch"));
+            }
+            Some(e)
+        } else {
+            None
+        };
         let mut counter = 0u64;
         let mut shift = 0;
         loop {
@@ -120,6 +180,8 @@ impl Header {
             Header {
                 sender,
                 receiver: receiver.clone(),
+                sender_epoch,
+                receiver_hint: first & 0xf,
                 counter,
             },
             at,
@@ -132,28 +194,50 @@ fn name(bytes: &[u8]) -> Result<Name, SealError> {
     Name::new(s).map_err(|_| SealError::Malformed("invalid name"))
 }
 
-/// The key for one direction between two nodes.
+/// The key for one direction between two stores.
 pub struct DirectionKey(LessSafeKey);
 
-/// Derives the key for `sender -> receiver` from our secret and the peer's public key.
+impl std::fmt::Debug for DirectionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DirectionKey(..)")
+    }
+}
+
+/// Who a key is for: both nodes with their public keys and store epochs (0 for a
+/// receiver epoch the sender does not know yet).
+#[derive(Debug, Clone, Copy)]
+pub struct Ends<'a> {
+    pub sender: &'a Name,
+    pub receiver: &'a Name,
+    pub sender_public: &'a PublicKey,
+    pub receiver_public: &'a PublicKey,
+    pub sender_epoch: u64,
+    pub receiver_epoch: u64,
+}
+
+/// Derives the key for `ends.sender -> ends.receiver` from our secret and the
+/// peer's public key (whichever end we are).
 pub fn derive(
     own_secret: &StaticSecret,
     peer_public: &PublicKey,
-    sender: &Name,
-    receiver: &Name,
-    sender_public: &PublicKey,
-    receiver_public: &PublicKey,
+    ends: &Ends<'_>,
 ) -> Result<DirectionKey, SealError> {
     let shared = own_secret.diffie_hellman(peer_public);
     if !shared.was_contributory() {
         return Err(SealError::WeakKey);
     }
     let mut info = LABEL.to_vec();
+    let (se, re) = (
+        ends.sender_epoch.to_le_bytes(),
+        ends.receiver_epoch.to_le_bytes(),
+    );
     for part in [
-        sender.as_str().as_bytes(),
-        receiver.as_str().as_bytes(),
-        sender_public.as_bytes(),
-        receiver_public.as_bytes(),
+        ends.sender.as_str().as_bytes(),
+        ends.receiver.as_str().as_bytes(),
+        ends.sender_public.as_bytes(),
+        ends.receiver_public.as_bytes(),
+        &se,
+        &re,
     ] {
         info.push(b'|');
         info.extend_from_slice(part);
@@ -270,19 +354,37 @@ mod tests {
         (s, p)
     }
 
-    fn keys() -> (DirectionKey, DirectionKey) {
+    const EA: u64 = 0x1111_2222_3333_4445;
+    const EB: u64 = 0x5555_6666_7777_8889;
+
+    /// (sender's key, receiver's key) for central -> ship1 at epochs (ea, eb).
+    fn keys_at(ea: u64, eb: u64) -> (DirectionKey, DirectionKey) {
         let (sa, pa) = pair(1);
         let (sb, pb) = pair(2);
         let (a, b) = (n("central"), n("ship1"));
-        let k_sender = derive(&sa, &pb, &a, &b, &pa, &pb).unwrap();
-        let k_receiver = derive(&sb, &pa, &a, &b, &pa, &pb).unwrap();
+        let ends = Ends {
+            sender: &a,
+            receiver: &b,
+            sender_public: &pa,
+            receiver_public: &pb,
+            sender_epoch: ea,
+            receiver_epoch: eb,
+        };
+        let k_sender = derive(&sa, &pb, &ends).unwrap();
+        let k_receiver = derive(&sb, &pa, &ends).unwrap();
         (k_sender, k_receiver)
+    }
+
+    fn keys() -> (DirectionKey, DirectionKey) {
+        keys_at(EA, EB)
     }
 
     fn header(counter: u64) -> Header {
         Header {
             sender: n("central"),
             receiver: n("ship1"),
+            sender_epoch: None,
+            receiver_hint: hint(EB),
             counter,
         }
     }
@@ -304,53 +406,112 @@ mod tests {
     #[test]
     fn any_flipped_bit_or_wrong_key_fails() {
         let (ks, kr) = keys();
-        let sealed = seal(&ks, &header(1), b"frames");
-        for bit in 0..sealed.len() * 8 {
-            let mut b = sealed.clone();
-            b[bit / 8] ^= 1 << (bit % 8);
-            let ok = Header::parse(&b, &n("ship1"))
-                .and_then(|(h, len)| open(&kr, &b, &h, len))
-                .is_ok();
-            assert!(!ok, "flip of bit {bit} accepted");
+        let mut with_epoch = header(1);
+        with_epoch.sender_epoch = Some(EA);
+        for h in [header(1), with_epoch] {
+            let sealed = seal(&ks, &h, b"frames");
+            for bit in 0..sealed.len() * 8 {
+                let mut b = sealed.clone();
+                b[bit / 8] ^= 1 << (bit % 8);
+                let ok = Header::parse(&b, &n("ship1"))
+                    .and_then(|(h, len)| open(&kr, &b, &h, len))
+                    .is_ok();
+                assert!(!ok, "flip of bit {bit} accepted");
+            }
         }
         // The other direction's key, and a stranger's, do not open it.
-        let (sa, pa) = pair(1);
+        let sealed = seal(&ks, &header(1), b"frames");
+        let (_, pa) = pair(1);
         let (sb, pb) = pair(2);
-        let reverse = derive(&sb, &pa, &n("ship1"), &n("central"), &pb, &pa).unwrap();
+        let (a, b) = (n("central"), n("ship1"));
+        let reverse = Ends {
+            sender: &b,
+            receiver: &a,
+            sender_public: &pb,
+            receiver_public: &pa,
+            sender_epoch: EB,
+            receiver_epoch: EA,
+        };
+        let reverse = derive(&sb, &pa, &reverse).unwrap();
         let (h, len) = Header::parse(&sealed, &n("ship1")).unwrap();
         assert_eq!(open(&reverse, &sealed, &h, len), Err(SealError::BadTag));
         let (sx, px) = pair(3);
-        let stranger = derive(&sx, &pb, &n("central"), &n("ship1"), &px, &pb).unwrap();
+        let stranger = Ends {
+            sender: &a,
+            receiver: &b,
+            sender_public: &px,
+            receiver_public: &pb,
+            sender_epoch: EA,
+            receiver_epoch: EB,
+        };
+        let stranger = derive(&sx, &pb, &stranger).unwrap();
         assert_eq!(open(&stranger, &sealed, &h, len), Err(SealError::BadTag));
-        let _ = sa;
     }
 
     #[test]
-    fn the_header_sends_sender_and_counter_and_binds_the_receiver() {
+    fn a_key_belongs_to_one_pair_of_store_epochs() {
+        let sealed = seal(&keys().0, &header(5), b"frames");
+        let (h, len) = Header::parse(&sealed, &n("ship1")).unwrap();
+        // The same static keys, but either store replaced: nothing opens.
+        for (ea, eb) in [(EA + 16, EB), (EA, EB + 16), (EA, 0)] {
+            let (_, kr) = keys_at(ea, eb);
+            assert_eq!(open(&kr, &sealed, &h, len), Err(SealError::BadTag));
+        }
+    }
+
+    #[test]
+    fn the_header_sends_sender_epoch_only_when_asked_and_binds_the_receiver() {
         let (ks, kr) = keys();
         let sealed = seal(&ks, &header(300), b"x");
-        // version 2, "central", counter 300 as a varint; the receiver is not sent.
-        assert_eq!(to_hex(&sealed[..11]), "020763656e7472616cac02");
+        // version 3 with ship1's hint 9, "central", counter 300 as a varint; the
+        // receiver is not sent.
+        assert_eq!(to_hex(&sealed[..11]), "290763656e7472616cac02");
+        let mut h = header(300);
+        h.sender_epoch = Some(EA);
+        let long = seal(&ks, &h, b"x");
+        assert_eq!(long.len(), sealed.len() + 8);
+        assert_eq!(to_hex(&long[..1]), "39");
+        assert_eq!(Header::parse(&long, &n("ship1")).unwrap().0, h);
         // Opened as if it came to another receiver (same key, wrong name): refused.
         let (h, len) = Header::parse(&sealed, &n("ship2")).unwrap();
         assert_eq!(open(&kr, &sealed, &h, len), Err(SealError::BadTag));
         let huge = header(u64::MAX);
         let (h, _) = Header::parse(&seal(&ks, &huge, b""), &n("ship1")).unwrap();
         assert_eq!(h, huge);
-        let mut too_long = vec![SEAL_VERSION, 1, b'a'];
+        let mut too_long = vec![V3, 1, b'a'];
         too_long.extend([0xff; 10]);
         too_long.extend([0; TAG_LEN]);
         assert!(Header::parse(&too_long, &n("ship1")).is_err());
+        // Version 2 payloads are named as such.
+        assert_eq!(
+            Header::parse(&[2, 1, b'a', 1], &n("ship1")),
+            Err(SealError::Version(2))
+        );
+    }
+
+    #[test]
+    fn epochs_are_never_zero_and_always_have_a_hint() {
+        for r in [0u64, 16, 0xffff_ffff_ffff_fff0, 7] {
+            let e = epoch_from(r);
+            assert_ne!(e, 0);
+            assert_ne!(hint(e), 0);
+        }
     }
 
     #[test]
     fn degenerate_public_keys_are_refused() {
         let (s, p) = pair(1);
         let zero = PublicKey::from([0u8; 32]);
-        assert!(matches!(
-            derive(&s, &zero, &n("a"), &n("b"), &p, &zero),
-            Err(SealError::WeakKey)
-        ));
+        let (a, b) = (n("a"), n("b"));
+        let ends = Ends {
+            sender: &a,
+            receiver: &b,
+            sender_public: &p,
+            receiver_public: &zero,
+            sender_epoch: 1,
+            receiver_epoch: 1,
+        };
+        assert!(matches!(derive(&s, &zero, &ends), Err(SealError::WeakKey)));
     }
 
     #[test]

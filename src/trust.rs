@@ -5,14 +5,17 @@
 //! - `trust`: one trusted peer per line, editable by hand, re-read when it changes:
 //!
 //! ```text
-//! # NAME  PUBLIC-KEY (hex)  allow=METHOD,...  [exec=/path/prog,...]
+//! # NAME  PUBLIC-KEY (hex)  allow=METHOD,...  [exec=/path/prog,...] [env=NAME,...] [cwd=/dir,...] [stdin=yes]
 //! central 3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29 allow=exec,ping,http-get
 //! ship1   8f0e...                                                         allow=
 //! ```
 //!
 //! `allow=` lists the methods the peer may ask of us (`exec`, `ping`, `http-get`,
-//! later `files`, ...); empty means it may only exchange results and acks. `exec=`
-//! optionally limits exec to those program paths (argv[0] exactly).
+//! `files`); empty means it may only exchange results and acks. `exec=` limits exec
+//! to those program paths (argv[0] exactly, absolute). A path-limited exec is not a
+//! shell by another name: it runs with a fixed clean environment ([`CLEAN_ENV`])
+//! plus only the variables `env=` names, in `/` or a directory `cwd=` names, and
+//! without stdin unless `stdin=yes` (see [`ExecPolicy`]).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -36,6 +39,12 @@ pub fn trust_path(state_dir: &Path) -> PathBuf {
 pub struct Keys {
     pub secret: StaticSecret,
     pub public: PublicKey,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Keys {{ public: {} }}", to_hex(self.public.as_bytes()))
+    }
 }
 
 /// Writes a new key pair; refuses to overwrite one unless `force`.
@@ -103,6 +112,48 @@ pub struct Peer {
     pub public: [u8; 32],
     pub allow: Vec<String>,
     pub exec_paths: Vec<String>,
+    /// For a path-limited exec: variables the command may set.
+    pub exec_env: Vec<String>,
+    /// For a path-limited exec: working directories it may ask for.
+    pub exec_cwd: Vec<String>,
+    /// For a path-limited exec: whether it may send stdin.
+    pub exec_stdin: bool,
+}
+
+impl Peer {
+    /// A peer that may only exchange results and acks.
+    pub fn new(name: Name, public: [u8; 32]) -> Peer {
+        Peer {
+            name,
+            public,
+            allow: Vec::new(),
+            exec_paths: Vec::new(),
+            exec_env: Vec::new(),
+            exec_cwd: Vec::new(),
+            exec_stdin: false,
+        }
+    }
+}
+
+/// The environment a path-limited exec starts from: nothing inherited from the
+/// agent (no `LD_PRELOAD`, `BASH_ENV`, `ENV`, `PYTHONPATH`, ... however the agent
+/// itself was started).
+pub const CLEAN_ENV: &[(&str, &str)] = &[
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
+    ("HOME", "/"),
+    ("LANG", "C"),
+];
+
+/// How an authorised exec may run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecPolicy {
+    /// The peer may run anything: the agent's environment plus the command's own.
+    Unrestricted,
+    /// Path-limited: [`CLEAN_ENV`] plus the command's (allowed) variables, in `cwd`.
+    Limited { cwd: String },
 }
 
 /// The trust file, parsed.
@@ -130,16 +181,13 @@ impl Trust {
                 .ok_or_else(|| at("missing public key".into()))?;
             let public = from_hex32(key)
                 .ok_or_else(|| at(format!("bad public key {key:?}: 64 hex digits")))?;
-            let mut peer = Peer {
-                name: name.clone(),
-                public,
-                allow: Vec::new(),
-                exec_paths: Vec::new(),
-            };
+            let mut peer = Peer::new(name.clone(), public);
             for opt in parts {
-                let (k, v) = opt
-                    .split_once('=')
-                    .ok_or_else(|| at(format!("expected allow=... or exec=..., got {opt:?}")))?;
+                let (k, v) = opt.split_once('=').ok_or_else(|| {
+                    at(format!(
+                        "expected allow=, exec=, env=, cwd= or stdin=, got {opt:?}"
+                    ))
+                })?;
                 let list: Vec<String> = v
                     .split(',')
                     .filter(|s| !s.is_empty())
@@ -155,7 +203,26 @@ impl Trust {
                         }
                         peer.allow = list;
                     }
-                    "exec" => peer.exec_paths = list,
+                    "exec" => {
+                        if let Some(bad) = list.iter().find(|p| !p.starts_with('/')) {
+                            return Err(at(format!("exec path {bad:?} is not absolute")));
+                        }
+                        peer.exec_paths = list;
+                    }
+                    "env" => peer.exec_env = list,
+                    "cwd" => {
+                        if let Some(bad) = list.iter().find(|p| !p.starts_with('/')) {
+                            return Err(at(format!("cwd {bad:?} is not absolute")));
+                        }
+                        peer.exec_cwd = list;
+                    }
+                    "stdin" => {
+                        peer.exec_stdin = match v {
+                            "yes" => true,
+                            "no" => false,
+                            _ => return Err(at(format!("stdin={v}: expected yes or no"))),
+                        }
+                    }
                     _ => return Err(at(format!("unknown option {k:?}"))),
                 }
             }
@@ -166,8 +233,10 @@ impl Trust {
 
     pub fn render(&self) -> String {
         let mut out = String::from(
-            "# outpost trust file: NAME PUBLIC-KEY allow=METHOD,... [exec=/path/prog,...]\n\
-             # methods: exec, ping, http-get, files; an empty allow= only exchanges results\n",
+            "# outpost trust file: NAME PUBLIC-KEY allow=METHOD,... [exec=/path/prog,...] [env=NAME,...] [cwd=/dir,...] [stdin=yes]\n\
+             # methods: exec, ping, http-get, files; an empty allow= only exchanges results\n\
+             # exec= limits exec to those programs, run with a clean environment (PATH, HOME=/, LANG=C\n\
+             # plus the variables env= names), in / or a cwd= directory, without stdin unless stdin=yes\n",
         );
         for p in self.peers.values() {
             out += &format!(
@@ -178,6 +247,15 @@ impl Trust {
             );
             if !p.exec_paths.is_empty() {
                 out += &format!(" exec={}", p.exec_paths.join(","));
+            }
+            if !p.exec_env.is_empty() {
+                out += &format!(" env={}", p.exec_env.join(","));
+            }
+            if !p.exec_cwd.is_empty() {
+                out += &format!(" cwd={}", p.exec_cwd.join(","));
+            }
+            if p.exec_stdin {
+                out += " stdin=yes";
             }
             out.push('\n');
         }
@@ -199,8 +277,9 @@ impl Trust {
         Ok(())
     }
 
-    /// Whether `peer` may ask this node to run `cmd`; `Err` carries the reason.
-    pub fn authorise(&self, peer: &Name, cmd: &Command) -> Result<(), String> {
+    /// Whether `peer` may ask this node to run `cmd`, and how an exec must run;
+    /// `Err` carries the reason.
+    pub fn authorise(&self, peer: &Name, cmd: &Command) -> Result<ExecPolicy, String> {
         let p = self
             .peers
             .get(peer)
@@ -212,16 +291,52 @@ impl Trust {
                 none_if_empty(&p.allow)
             ));
         }
-        if let Command::Exec(e) = cmd {
-            let prog = e.argv.first().map(String::as_str).unwrap_or_default();
-            if !p.exec_paths.is_empty() && !p.exec_paths.iter().any(|x| x == prog) {
-                return Err(format!(
-                    "{peer} may only exec {}, not {prog:?}",
-                    p.exec_paths.join(", ")
-                ));
-            }
+        let Command::Exec(e) = cmd else {
+            return Ok(ExecPolicy::Unrestricted);
+        };
+        if p.exec_paths.is_empty() {
+            return Ok(ExecPolicy::Unrestricted);
         }
-        Ok(())
+        let prog = e.argv.first().map(String::as_str).unwrap_or_default();
+        if !p.exec_paths.iter().any(|x| x == prog) {
+            return Err(format!(
+                "{peer} may only exec {}, not {prog:?}",
+                p.exec_paths.join(", ")
+            ));
+        }
+        if let Some((k, _)) = e.env.iter().find(|(k, _)| !p.exec_env.contains(k)) {
+            return Err(format!(
+                "{peer} may not set {k} for a path-limited exec (allowed: {}; add env={k} to its trust line)",
+                none_if_empty(&p.exec_env)
+            ));
+        }
+        if !e.stdin.is_empty() && !p.exec_stdin {
+            return Err(format!(
+                "{peer} may not send stdin to a path-limited exec (add stdin=yes to its trust line)"
+            ));
+        }
+        let cwd = match &e.cwd {
+            None => "/".to_string(),
+            Some(dir) => {
+                // Compared as resolved paths, so that `..` or a symlink cannot
+                // reach a directory the line does not name.
+                let real =
+                    std::fs::canonicalize(dir).map_err(|err| format!("cwd {dir:?}: {err}"))?;
+                let allowed = p
+                    .exec_cwd
+                    .iter()
+                    .any(|c| std::fs::canonicalize(c).is_ok_and(|c| c == real));
+                if !allowed {
+                    return Err(format!(
+                        "{peer} may not run a path-limited exec in {dir:?} (allowed: /{}{})",
+                        if p.exec_cwd.is_empty() { "" } else { ", " },
+                        p.exec_cwd.join(", ")
+                    ));
+                }
+                real.to_string_lossy().into_owned()
+            }
+        };
+        Ok(ExecPolicy::Limited { cwd })
     }
 }
 
@@ -283,7 +398,10 @@ mod tests {
         );
         let t = Trust::parse(&text).unwrap();
         let central = Name::new("central").unwrap();
-        assert!(t.authorise(&central, &exec("/usr/bin/uptime")).is_ok());
+        assert_eq!(
+            t.authorise(&central, &exec("/usr/bin/uptime")),
+            Ok(ExecPolicy::Limited { cwd: "/".into() })
+        );
         assert!(t
             .authorise(&central, &exec("/bin/rm"))
             .unwrap_err()
@@ -299,6 +417,55 @@ mod tests {
             .unwrap_err()
             .contains("not trusted"));
         assert_eq!(Trust::parse(&t.render()).unwrap(), t);
+    }
+
+    #[test]
+    fn a_path_limited_exec_sets_only_allowed_variables_in_allowed_directories() {
+        let tmp = std::env::temp_dir().canonicalize().unwrap();
+        let text = format!(
+            "central {KEY} allow=exec exec=/bin/sh env=TZ cwd={} \nops {KEY} allow=exec\n",
+            tmp.display()
+        );
+        let t = Trust::parse(&text).unwrap();
+        let central = Name::new("central").unwrap();
+        let with = |f: &dyn Fn(&mut Exec)| {
+            let mut e = Exec {
+                argv: vec!["/bin/sh".into()],
+                ..Exec::default()
+            };
+            f(&mut e);
+            t.authorise(&central, &Command::Exec(e))
+        };
+        for var in ["BASH_ENV", "LD_PRELOAD", "ENV", "PATH"] {
+            let err = with(&|e| e.env = vec![(var.into(), "/dev/stdin".into())]).unwrap_err();
+            assert!(err.contains(&format!("may not set {var}")), "{err}");
+        }
+        assert!(with(&|e| e.env = vec![("TZ".into(), "UTC".into())]).is_ok());
+        let err = with(&|e| e.stdin = b"id\n".to_vec()).unwrap_err();
+        assert!(err.contains("may not send stdin"), "{err}");
+        let err = with(&|e| e.cwd = Some("/etc".into())).unwrap_err();
+        assert!(err.contains("may not run a path-limited exec in"), "{err}");
+        let dotdot = format!(
+            "{}/../{}",
+            tmp.display(),
+            tmp.file_name().unwrap().to_str().unwrap()
+        );
+        assert_eq!(
+            with(&|e| e.cwd = Some(dotdot.clone())),
+            Ok(ExecPolicy::Limited {
+                cwd: tmp.display().to_string()
+            })
+        );
+        // Without exec= the peer may run anything, as before.
+        let ops = Name::new("ops").unwrap();
+        let mut e = exec("/bin/sh");
+        if let Command::Exec(x) = &mut e {
+            x.env = vec![("LD_PRELOAD".into(), "x".into())];
+        }
+        assert_eq!(t.authorise(&ops, &e), Ok(ExecPolicy::Unrestricted));
+        assert_eq!(Trust::parse(&t.render()).unwrap(), t);
+        let err = Trust::parse(&format!("a {KEY} allow=exec exec=sh")).unwrap_err();
+        assert!(err.contains("not absolute"), "{err}");
     }
 
     #[test]

@@ -195,8 +195,19 @@ fn sealed_result_size(kind: Kind, n: usize) -> usize {
         x25519_dalek::PublicKey::from(&a),
         x25519_dalek::PublicKey::from(&b),
     );
-    let key = seal::derive(&a, &pb, &node, &central, &pa, &pb).expect("derive a key");
+    let ends = seal::Ends {
+        sender: &node,
+        receiver: &central,
+        sender_public: &pa,
+        receiver_public: &pb,
+        sender_epoch: 0x11,
+        receiver_epoch: 0x21,
+    };
+    let key = seal::derive(&a, &pb, &ends).expect("derive a key");
+    // Steady state: the receiver knows the sender's epoch, so the header omits it.
     let header = Header {
+        sender_epoch: None,
+        receiver_hint: seal::hint(0x21),
         sender: node,
         receiver: central,
         counter: n as u64,

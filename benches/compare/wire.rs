@@ -428,7 +428,10 @@ fn sealed_publish(env: &Envelope) -> PingOverhead {
         env.created_ms,
     )
     .expect("compact frame");
+    // Steady state: the receiver knows the sender's epoch, so the header omits it.
     let header = Header {
+        sender_epoch: None,
+        receiver_hint: seal::hint(0x21),
         sender: env.from.clone(),
         receiver: env.to.clone(),
         counter: 1,
@@ -456,7 +459,15 @@ fn sealed_publish(env: &Envelope) -> PingOverhead {
 fn throwaway_key(sender: &Name, receiver: &Name) -> seal::DirectionKey {
     let (ours, theirs) = (StaticSecret::from([1; 32]), StaticSecret::from([2; 32]));
     let (our_pub, their_pub) = (PublicKey::from(&ours), PublicKey::from(&theirs));
-    seal::derive(&ours, &their_pub, sender, receiver, &our_pub, &their_pub).expect("derive")
+    let ends = seal::Ends {
+        sender,
+        receiver,
+        sender_public: &our_pub,
+        receiver_public: &their_pub,
+        sender_epoch: 0x11,
+        receiver_epoch: 0x21,
+    };
+    seal::derive(&ours, &their_pub, &ends).expect("derive")
 }
 
 fn report_ping(r: &mut Report, p: &PingOverhead) {

@@ -161,7 +161,8 @@ pub struct LinkConfig {
     pub keepalive: Duration,
     /// Reconnect backoff ceiling.
     pub backoff_cap: Duration,
-    /// Subscribed with QoS 1 on every connect.
+    /// Subscribed with QoS 1 on every connect (the inbox). More can be added and
+    /// dropped while running with [`Link::set_extra_subscriptions`].
     pub subscriptions: Vec<String>,
     /// Last will, retained, QoS 1.
     pub will: Option<Retained>,
@@ -177,7 +178,8 @@ pub enum LinkEvent {
     Connected {
         session_present: bool,
     },
-    /// Once per outage (also when the first connect fails), with the first reason.
+    /// When the link goes down (also when the first connect fails), and again
+    /// whenever the reason it stays down changes.
     Disconnected {
         error: String,
     },
@@ -188,6 +190,13 @@ pub enum LinkEvent {
     },
     /// The broker acknowledged one of the caller's QoS 1 publishes on this connection.
     Published,
+    /// The broker sent a packet larger than max_packet, which ended the connection.
+    /// The link reconnects once with a clean session and only the fixed
+    /// subscriptions (no extra ones until the link is started again), so such a
+    /// message costs one reconnect, not all of them.
+    Poisoned {
+        size: usize,
+    },
 }
 
 /// Permission to PUBACK one received message; only valid on the connection it came on.
@@ -240,6 +249,10 @@ struct Shared {
     /// Bumped on every connect and every loss, so acks from an old connection are void.
     /// Only compared for equality: 32 bits, which 32-bit MIPS has as an atomic.
     epoch: AtomicU32,
+    /// Subscriptions beyond the fixed ones, kept across reconnects.
+    extra: std::sync::Mutex<Vec<String>>,
+    /// An oversized message cut the link: extra subscriptions are off.
+    poisoned: AtomicBool,
 }
 
 impl Link {
@@ -257,6 +270,8 @@ impl Link {
         let shared = Arc::new(Shared {
             connected: AtomicBool::new(false),
             epoch: AtomicU32::new(0),
+            extra: std::sync::Mutex::new(Vec::new()),
+            poisoned: AtomicBool::new(false),
         });
         let (event_tx, event_rx) = smol::channel::bounded(EVENT_CAPACITY);
         // Unbounded but small: we hold at most the broker's in-flight window of
@@ -340,6 +355,49 @@ impl Link {
 
     pub fn is_connected(&self) -> bool {
         self.inner.shared.connected.load(Ordering::Acquire)
+    }
+
+    /// Replaces the extra subscriptions (QoS 1): subscribed now when connected,
+    /// and on every reconnect. Filters that are not valid are skipped. Off after
+    /// [`LinkEvent::Poisoned`].
+    pub fn set_extra_subscriptions(&self, filters: Vec<String>) {
+        let filters: Vec<String> = filters
+            .into_iter()
+            .filter(|f| check_filter(f).is_ok())
+            .collect();
+        let mut extra = run::lock(&self.inner.shared.extra);
+        let added: Vec<String> = filters
+            .iter()
+            .filter(|f| !extra.contains(f))
+            .cloned()
+            .collect();
+        let removed: Vec<String> = extra
+            .iter()
+            .filter(|f| !filters.contains(f))
+            .cloned()
+            .collect();
+        *extra = filters;
+        drop(extra);
+        if !self.is_connected() || self.inner.shared.poisoned.load(Ordering::Acquire) {
+            return;
+        }
+        // A full request queue only loses these until the next reconnect, which
+        // subscribes to the whole list again.
+        for f in removed {
+            let _ = self.inner.client.try_unsubscribe(f);
+        }
+        if !added.is_empty() {
+            let _ = self.inner.client.try_subscribe_many(
+                added
+                    .into_iter()
+                    .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce)),
+            );
+        }
+    }
+
+    /// Whether an oversized message turned the extra subscriptions off.
+    pub fn is_poisoned(&self) -> bool {
+        self.inner.shared.poisoned.load(Ordering::Acquire)
     }
 
     /// Disconnects cleanly (the broker discards the will) and ends the thread.

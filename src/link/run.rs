@@ -83,6 +83,28 @@ impl Thread {
                 Err(e) => {
                     let was_up = up_since.take();
                     self.set_down();
+                    if let Some(size) = oversized(&e) {
+                        // The message sits in our broker session (or is retained on
+                        // a topic we subscribe to) and would cut us off again on
+                        // every reconnect: start a clean session with the inbox
+                        // alone (the store, not the broker, holds what matters).
+                        self.shared.poisoned.store(true, Ordering::Release);
+                        self.eventloop.mqtt_options.set_clean_session(true);
+                        log(
+                            "error",
+                            format_args!(
+                                "the broker sent a message of {size} bytes, more than max_packet; reconnecting with a clean session, and without presence until restart"
+                            ),
+                        );
+                        if self
+                            .events
+                            .send(LinkEvent::Poisoned { size })
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
                     // See the module doc: the caller's store resends, not rumqttc.
                     self.eventloop.pending.clear();
                     own_pkids.clear();
@@ -121,6 +143,12 @@ impl Thread {
                                 ),
                             );
                             *last = failure.reason.clone();
+                            let changed = LinkEvent::Disconnected {
+                                error: failure.reason.clone(),
+                            };
+                            if self.events.send(changed).await.is_err() {
+                                break;
+                            }
                         }
                         Some(_) => {}
                     }
@@ -142,6 +170,8 @@ impl Thread {
                     up_since = Some(Instant::now());
                     n_untagged_own = self.queue_on_connect();
                     own_pkids.clear();
+                    // The clean session was for this connect only.
+                    self.eventloop.mqtt_options.set_clean_session(false);
                     match outage.take() {
                         Some((since, _)) => log(
                             "info",
@@ -211,13 +241,32 @@ impl Thread {
     /// Queues subscriptions and on_connect messages ahead of anything the caller
     /// queued; returns how many publishes that is.
     fn queue_on_connect(&mut self) -> usize {
+        let poisoned = self.shared.poisoned.load(Ordering::Acquire);
         let pending = &mut self.eventloop.pending;
-        if !self.cfg.subscriptions.is_empty() {
-            let filters = self
+        let mut own = 0;
+        if poisoned {
+            // A retained message on our own inbox would come back with every
+            // subscribe: clear it (outpost never publishes one there).
+            for topic in self
                 .cfg
                 .subscriptions
                 .iter()
-                .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                .filter(|t| !t.contains(['+', '#']))
+            {
+                let mut clear = Publish::new(topic.clone(), QoS::AtLeastOnce, Vec::new());
+                clear.retain = true;
+                pending.push_back(Request::Publish(clear));
+                own += 1;
+            }
+        }
+        let mut filters: Vec<String> = self.cfg.subscriptions.clone();
+        if !poisoned {
+            filters.extend(lock(&self.shared.extra).iter().cloned());
+        }
+        if !filters.is_empty() {
+            let filters = filters
+                .into_iter()
+                .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce));
             pending.push_back(Request::Subscribe(Subscribe::new_many(filters)));
         }
         for retained in &self.cfg.on_connect {
@@ -229,7 +278,7 @@ impl Thread {
             publish.retain = true;
             pending.push_back(Request::Publish(publish));
         }
-        self.cfg.on_connect.len()
+        own + self.cfg.on_connect.len()
     }
 
     /// Sends DISCONNECT so the broker discards our will, waiting a little for it.
@@ -345,6 +394,22 @@ fn human(d: Duration) -> String {
     } else {
         format!("{}s", d.as_secs())
     }
+}
+
+/// The size of an incoming packet that exceeded max_packet, if that is what ended
+/// the connection.
+fn oversized(e: &ConnectionError) -> Option<usize> {
+    match e {
+        ConnectionError::MqttState(StateError::Deserialization(
+            rumqttc::Error::PayloadSizeLimitExceeded(n),
+        )) => Some(*n),
+        _ => None,
+    }
+}
+
+/// A poisoned lock only means a panic elsewhere; the list is still sound.
+pub(super) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Puts a connection error into lower-case words and classifies it.

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use rusqlite::{params, OptionalExtension, Row};
 
-use super::{consume_in, enqueue_in, name, Inbound, Outgoing, Queued, Store, StoreError};
+use super::{commit, consume_in, enqueue_in, name, Inbound, Outgoing, Queued, Store, StoreError};
 use crate::frame::{Body, FileOffer, FileState, Lane, Name};
 
 /// One file transfer, either direction.
@@ -132,7 +132,8 @@ impl Store {
             |r| r.get(0),
         )?;
         let (_, added) = enqueue_in(&tx, &self.me, std::slice::from_ref(&item), now_ms)?;
-        tx.commit()?;
+        commit(tx, self.batch)?;
+        self.committed();
         self.used += added;
         Ok(id)
     }
@@ -144,7 +145,7 @@ impl Store {
         file_id: &str,
         now_ms: u64,
     ) -> Result<i64, StoreError> {
-        self.conn.execute(
+        self.change(
             "INSERT INTO transfers (direction, peer, file_id, path, size, sha256, chunk_size, n_chunks, state, started_ms, updated_ms)
              VALUES ('in', ?1, ?2, '', 0, x'', 1, 0, 'requested', ?3, ?3)
              ON CONFLICT (direction, peer, file_id) DO UPDATE SET state = 'requested', reason = '', started_ms = ?3, updated_ms = ?3",
@@ -198,7 +199,7 @@ impl Store {
         reason: &str,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        self.conn.execute(
+        self.change(
             "UPDATE transfers SET state = ?2, reason = ?3, updated_ms = ?4 WHERE id = ?1",
             params![id, state, reason, now_ms as i64],
         )?;
@@ -252,7 +253,8 @@ impl Store {
             "UPDATE transfers SET next_chunk = next_chunk + ?2, updated_ms = ?3 WHERE id = ?1",
             params![t.id, n, now_ms as i64],
         )?;
-        tx.commit()?;
+        commit(tx, self.batch)?;
+        self.committed();
         self.used += added;
         Ok(queued)
     }
@@ -313,7 +315,8 @@ impl Store {
         }
         let freed = consume_in(&tx, &inbound.env)?;
         let (mut queued, added) = enqueue_in(&tx, &self.me, std::slice::from_ref(&item), now_ms)?;
-        tx.commit()?;
+        commit(tx, self.batch)?;
+        self.committed();
         self.used = self.used + added - freed;
         Ok(queued.remove(0))
     }
@@ -336,7 +339,8 @@ impl Store {
             params![transfer, n as i64, now_ms as i64],
         )?;
         let freed = consume_in(&tx, &inbound.env)?;
-        tx.commit()?;
+        commit(tx, self.batch)?;
+        self.committed();
         self.used -= freed;
         Ok(())
     }
@@ -386,7 +390,8 @@ impl Store {
             )?;
         }
         let (_, added) = enqueue_in(&tx, &self.me, std::slice::from_ref(&item), now_ms)?;
-        tx.commit()?;
+        commit(tx, self.batch)?;
+        self.committed();
         self.used += added;
         Ok(())
     }
@@ -401,7 +406,8 @@ impl Store {
             params![env.from.as_str(), env.lane.as_str(), seq as i64],
         )?;
         let freed = consume_in(&tx, env)?;
-        tx.commit()?;
+        commit(tx, self.batch)?;
+        self.committed();
         self.used -= freed;
         Ok(())
     }
@@ -410,7 +416,8 @@ impl Store {
     pub fn consume(&mut self, inbound: &Inbound) -> Result<(), StoreError> {
         let tx = self.conn.savepoint()?;
         let freed = consume_in(&tx, &inbound.env)?;
-        tx.commit()?;
+        commit(tx, self.batch)?;
+        self.committed();
         self.used -= freed;
         Ok(())
     }
@@ -449,7 +456,7 @@ impl Store {
     }
 
     pub fn forget_file(&mut self, source: &Name, file_id: &str) -> Result<bool, StoreError> {
-        let n = self.conn.execute(
+        let n = self.change(
             "DELETE FROM files WHERE source = ?1 AND file_id = ?2",
             params![source.as_str(), file_id],
         )?;

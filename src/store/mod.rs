@@ -9,9 +9,14 @@
 //! Blocking: call it from a dedicated thread, never from an async executor.
 
 mod files;
+pub mod marker;
 mod schema;
+mod session;
 
 pub use files::{bulk_lane, control_lane, HeldFile, Transfer};
+pub use session::{PeerSession, SyncOutcome};
+
+use marker::Marker;
 
 use std::path::Path;
 
@@ -138,6 +143,9 @@ impl Receipt {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inbound {
     pub env: Envelope,
+    /// A command that may have reached an earlier store of this node (its sender
+    /// said so after that store was lost): not to be run again.
+    pub doubtful: bool,
 }
 
 impl Inbound {
@@ -170,10 +178,81 @@ pub struct Store {
     /// A batch is open: the operations' own savepoints nest inside it and nothing
     /// is committed until [`Store::end_batch`].
     batch: bool,
+    /// This store's epoch (see [`crate::seal`]) and its generation: `meta.gen`,
+    /// which every commit bumps, mirrored in the marker file.
+    epoch: u64,
+    gen: u64,
+    marker: Marker,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("me", &self.me)
+            .field("epoch", &format_args!("{:016x}", self.epoch))
+            .field("gen", &self.gen)
+            .finish_non_exhaustive()
+    }
+}
+
+/// This store found, when it opened, that it had lost committed state: it was
+/// emptied, replaced, or went back to an earlier generation. The store has a new
+/// epoch then, and every peer is resynchronised (see [`crate::node`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loss {
+    pub reason: String,
+}
+
+/// Ends a change made in `tx`: bumps the store's generation, unless a batch is
+/// open (the batch bumps it once when it commits), and commits. Call
+/// [`Store::committed`] after it.
+fn commit(tx: rusqlite::Savepoint<'_>, batch: bool) -> rusqlite::Result<()> {
+    if !batch {
+        tx.execute("UPDATE meta SET gen = gen + 1", [])?;
+    }
+    tx.commit()
+}
+
+/// After a loss: a new epoch, counters of the old one forgotten, every peer to be
+/// resynchronised. Every frame in the outbox now was numbered before the loss, the
+/// same as the peer may already have it (`base`): frames numbered from here until
+/// the next Sync are the provisional ones.
+fn forget_own_epoch(
+    tx: &Connection,
+    epoch: u64,
+    now_ms: u64,
+    reason: &str,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE meta SET epoch = ?1, gen = gen + 1, lost_ms = ?2, lost_reason = ?3, losses = losses + 1 WHERE id = 1",
+        params![epoch as i64, now_ms as i64, reason],
+    )?;
+    tx.execute_batch(
+        "DELETE FROM seal_out;
+         UPDATE peer_sessions SET synced = 0, knows_mine = 0, we_lost = 1;
+         UPDATE out_streams SET base = last_seq;",
+    )
+}
+
+/// 64 random bits from the system, as a store epoch.
+fn new_epoch() -> Result<u64, StoreError> {
+    let mut b = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .map_err(|_| StoreError::Invalid("the system random number generator failed".into()))?;
+    Ok(crate::seal::epoch_from(u64::from_le_bytes(b)))
 }
 
 impl Store {
-    pub fn open(path: &Path, me: &Name, cfg: &StoreConfig) -> Result<Store, StoreError> {
+    /// Opens (creating) the store at `path`, and checks it against its marker
+    /// file (`store.gen` beside it, see [`marker`]): a store that lost committed
+    /// state gets a new epoch and comes back with the [`Loss`].
+    pub fn open(
+        path: &Path,
+        me: &Name,
+        cfg: &StoreConfig,
+    ) -> Result<(Store, Option<Loss>), StoreError> {
+        let marker_path = marker::path_for(path);
+        let before = marker::read(&marker_path);
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "wal")?;
@@ -183,21 +262,146 @@ impl Store {
         };
         conn.pragma_update(None, "synchronous", sync)?;
         conn.pragma_update(None, "foreign_keys", "on")?;
-        // Keep the WAL from growing without bound on small flash.
-        conn.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024)?;
+        // A small, bounded WAL: checkpoint every 256 pages (1 MiB) and cut the file
+        // back to 1 MiB after a checkpoint, so a small flash partition is not filled
+        // by the log (see ARCHITECTURE.md, "The store on disk").
+        conn.pragma_update(None, "wal_autocheckpoint", 256)?;
+        conn.pragma_update(None, "journal_size_limit", 1024 * 1024)?;
         let version = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
         if version > schema::latest() {
             return Err(StoreError::TooNew(version, schema::latest()));
         }
         schema::migrate(&mut conn)?;
+        let meta: Option<(i64, i64)> = conn
+            .query_row("SELECT epoch, gen FROM meta WHERE id = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        let meta = meta.map(|(e, g)| marker::Mark {
+            epoch: e as u64,
+            gen: g as u64,
+        });
+        let lost = match (before, meta) {
+            (Err(_), _) | (Ok(None), _) => None,
+            (Ok(Some(m)), None) => Some(format!(
+                "{} holds nothing, but this state directory last had store epoch {:016x} at generation {}",
+                path.display(),
+                m.epoch,
+                m.gen
+            )),
+            (Ok(Some(m)), Some(db)) if m.epoch != db.epoch => Some(format!(
+                "{} is store epoch {:016x}, but this state directory last had {:016x}",
+                path.display(),
+                db.epoch,
+                m.epoch
+            )),
+            (Ok(Some(m)), Some(db)) if db.gen < m.gen => Some(format!(
+                "{} went back from generation {} to {} (commits were lost: a deleted or damaged -wal, or a power cut)",
+                path.display(),
+                m.gen,
+                db.gen
+            )),
+            _ => None,
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let (epoch, gen) = match meta {
+            None => {
+                let epoch = new_epoch()?;
+                conn.execute(
+                    "INSERT INTO meta (id, epoch, gen, lost_ms, lost_reason, losses) VALUES (1, ?1, 0, ?2, ?3, ?4)",
+                    params![
+                        epoch as i64,
+                        lost.as_ref().map(|_| now_ms as i64),
+                        lost.as_deref(),
+                        i64::from(lost.is_some())
+                    ],
+                )?;
+                (epoch, 0)
+            }
+            Some(db) if lost.is_some() => {
+                let epoch = new_epoch()?;
+                let tx = conn.transaction()?;
+                forget_own_epoch(&tx, epoch, now_ms, lost.as_deref().unwrap_or_default())?;
+                tx.commit()?;
+                (epoch, db.gen + 1)
+            }
+            Some(db) => (db.epoch, db.gen),
+        };
+        if let Some(reason) = &lost {
+            conn.execute(
+                "INSERT INTO events (at_ms, text) VALUES (?1, ?2)",
+                params![
+                    now_ms as i64,
+                    format!("this node's store lost committed state: {reason}")
+                ],
+            )?;
+        }
+        let marker = Marker::create(&marker_path, marker::Mark { epoch, gen })
+            .map_err(StoreError::Invalid)?;
         let used = bytes_held(&conn)?;
-        Ok(Store {
+        let store = Store {
             conn,
             me: me.clone(),
             quota: cfg.quota_bytes,
             used,
             batch: false,
+            epoch,
+            gen,
+            marker,
+        };
+        Ok((store, lost.map(|reason| Loss { reason })))
+    }
+
+    /// This store's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// How many times this store found it had lost committed state.
+    pub fn losses(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT losses FROM meta WHERE id = 1", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
+    }
+
+    /// When and why this store last found it had lost committed state.
+    pub fn lost(&self) -> Result<Option<(u64, String)>, StoreError> {
+        let row: Option<(Option<i64>, Option<String>)> = self
+            .conn
+            .query_row(
+                "SELECT lost_ms, lost_reason FROM meta WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(match row {
+            Some((Some(at), Some(why))) => Some((at as u64, why)),
+            _ => None,
         })
+    }
+
+    /// Runs one statement as a change of its own (or of the open batch).
+    fn change(&mut self, sql: &str, params: impl rusqlite::Params) -> Result<usize, StoreError> {
+        let tx = self.conn.savepoint()?;
+        let n = tx.execute(sql, params)?;
+        commit(tx, self.batch)?;
+        self.committed();
+        Ok(n)
+    }
+
+    /// Records a commit made outside a batch: the generation went up by one.
+    fn committed(&mut self) {
+        if !self.batch {
+            self.gen += 1;
+            self.marker.record(marker::Mark {
+                epoch: self.epoch,
+                gen: self.gen,
+            });
+        }
     }
 
     /// Opens a batch: every change until [`Store::end_batch`] shares one commit
@@ -223,8 +427,14 @@ impl Store {
             return Ok(());
         }
         self.batch = false;
-        match self.conn.execute_batch("RELEASE batch") {
-            Ok(()) => Ok(()),
+        match self
+            .conn
+            .execute_batch("UPDATE meta SET gen = gen + 1; RELEASE batch")
+        {
+            Ok(()) => {
+                self.committed();
+                Ok(())
+            }
             Err(e) => {
                 if !self.conn.is_autocommit() {
                     let _ = self.conn.execute_batch("ROLLBACK");
@@ -262,7 +472,8 @@ impl Store {
                 rejected: items,
             });
         }
-        tx.commit()?;
+        commit(tx, self.batch)?;
+        self.committed();
         self.used += added;
         Ok(queued)
     }
@@ -338,7 +549,8 @@ impl Store {
                         "UPDATE outbox SET frame = ?4 WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
                         params![peer.as_str(), lane.as_str(), seq as i64, replacement],
                     )?;
-                    tx.commit()?;
+                    commit(tx, self.batch)?;
+                    self.committed();
                     self.used = self.used + replacement.len() as u64 - bytes.len() as u64;
                     corrupt.push(Corrupt {
                         place: "outbox",
@@ -389,7 +601,8 @@ impl Store {
              WHERE node = ?1 AND lane = ?2 AND seq > ?4 AND seq <= ?3 AND state = 'queued'",
             params![peer.as_str(), lane.as_str(), upto, acked],
         )?;
-        tx.commit()?;
+        commit(tx, self.batch)?;
+        self.committed();
         self.used -= freed_bytes as u64;
         Ok(n as u64)
     }
@@ -408,7 +621,8 @@ impl Store {
             }
             receipts.push(receipt);
         }
-        tx.commit()?;
+        commit(tx, self.batch)?;
+        self.committed();
         self.used += added;
         Ok(receipts)
     }
@@ -427,17 +641,17 @@ impl Store {
         parallel: usize,
         now_ms: u64,
     ) -> Result<(Vec<Inbound>, Vec<Corrupt>), StoreError> {
-        let streams: Vec<(String, String, i64)> = {
+        let streams: Vec<(String, String, i64, i64)> = {
             let mut stmt = self.conn.prepare_cached(
-                "SELECT s.peer, s.lane, s.watermark FROM in_streams s
+                "SELECT s.peer, s.lane, s.watermark, s.doubt FROM in_streams s
                  WHERE EXISTS (SELECT 1 FROM inbox i WHERE i.peer = s.peer AND i.lane = s.lane AND i.seq <= s.watermark)",
             )?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
             rows.collect::<Result<_, _>>()?
         };
         let mut ready = Vec::new();
         let mut corrupt = Vec::new();
-        for (peer, lane, wm) in streams {
+        for (peer, lane, wm, doubt) in streams {
             let (peer, lane) = (name(&peer)?, lane_of(&lane)?);
             // Through the partial index on running entries (migration 5): the
             // journal keeps every command ever run and the inbox can hold a long
@@ -474,7 +688,11 @@ impl Store {
                 match frame::decode(&bytes)
                     .and_then(|env| matching(env, &peer, &self.me, &lane, seq))
                 {
-                    Ok(env) => ready.push(Inbound { env }),
+                    Ok(env) => {
+                        let doubtful = seq <= doubt as u64
+                            && matches!(&env.body, Body::Command(c) if !c.reruns());
+                        ready.push(Inbound { env, doubtful });
+                    }
                     Err(error) => {
                         self.discard(&peer, &lane, seq, &bytes, &error, now_ms)?;
                         corrupt.push(Corrupt {
@@ -500,7 +718,7 @@ impl Store {
     /// so a crash afterwards is reported `interrupted`, never silently re-run.
     pub fn start(&mut self, cmd: &Inbound, method: &str, now_ms: u64) -> Result<(), StoreError> {
         let env = &cmd.env;
-        self.conn.execute(
+        self.change(
             "INSERT INTO journal (peer, lane, seq, state, method, started_ms) VALUES (?1, ?2, ?3, 'running', ?4, ?5)",
             params![env.from.as_str(), env.lane.as_str(), env.seq as i64, method, now_ms as i64],
         )?;
@@ -534,7 +752,8 @@ impl Store {
         )?;
         let freed = consume_in(&tx, env)?;
         let (mut queued, added) = enqueue_in(&tx, &self.me, std::slice::from_ref(&out), now_ms)?;
-        tx.commit()?;
+        commit(tx, self.batch)?;
+        self.committed();
         self.used = self.used + added - freed;
         Ok(queued.remove(0))
     }
@@ -556,17 +775,7 @@ impl Store {
         };
         let bytes = frame::encode(env)?;
         let tx = self.conn.savepoint()?;
-        let n = tx.execute(
-            "INSERT OR IGNORE INTO results (peer, lane, seq, at_ms, frame) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                env.from.as_str(),
-                env.lane.as_str(),
-                cmd_seq as i64,
-                now_ms as i64,
-                bytes
-            ],
-        )?;
-        let id = (n == 1).then(|| tx.last_insert_rowid());
+        let id = store_result(&tx, env, cmd_seq, &bytes, now_ms)?;
         if let Some(id) = id {
             tx.execute(
                 "UPDATE job_targets SET state = ?4, result = ?5 WHERE node = ?1 AND lane = ?2 AND seq = ?3",
@@ -574,7 +783,8 @@ impl Store {
             )?;
         }
         let freed = consume_in(&tx, env)?;
-        tx.commit()?;
+        commit(tx, self.batch)?;
+        self.committed();
         self.used -= freed;
         Ok(id)
     }
@@ -609,7 +819,8 @@ impl Store {
                 params![job, q.to.as_str(), q.lane.as_str(), q.seq as i64],
             )?;
         }
-        tx.commit()?;
+        commit(tx, self.batch)?;
+        self.committed();
         self.used += added;
         Ok((job, queued))
     }
@@ -698,7 +909,7 @@ impl Store {
         online: bool,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        self.conn.execute(
+        self.change(
             "INSERT INTO peers (name, online, since_ms) VALUES (?1, ?2, ?3)
              ON CONFLICT (name) DO UPDATE SET since_ms = CASE WHEN online = ?2 THEN since_ms ELSE ?3 END, online = ?2",
             params![peer.as_str(), online, now_ms as i64],
@@ -806,7 +1017,8 @@ impl Store {
             ],
         )?;
         let freed = consume_in(&tx, env)?;
-        tx.commit()?;
+        commit(tx, self.batch)?;
+        self.committed();
         self.used -= freed;
         Ok(())
     }
@@ -831,7 +1043,7 @@ impl Store {
             let env = bytes.as_deref().map(frame::decode).and_then(Result::ok);
             let rerun = matches!(&env, Some(Envelope { body: Body::Command(frame::Command::Exec(e)), .. }) if e.rerun);
             if rerun {
-                self.conn.execute(
+                self.change(
                     "DELETE FROM journal WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
                     params![peer, lane, seq],
                 )?;
@@ -856,7 +1068,11 @@ impl Store {
                 "the agent stopped while the command was running; it was not run again",
                 now_ms,
             );
-            queued.push(self.finish(&Inbound { env }, &method, result, now_ms)?);
+            let inbound = Inbound {
+                env,
+                doubtful: false,
+            };
+            queued.push(self.finish(&inbound, &method, result, now_ms)?);
         }
         Ok(queued)
     }
@@ -947,7 +1163,8 @@ impl Store {
             params![peer.as_str(), lane.as_str(), seq as i64, now_ms as i64],
         )?;
         let (_, added) = enqueue_in(&tx, &self.me, std::slice::from_ref(&notice), now_ms)?;
-        tx.commit()?;
+        commit(tx, self.batch)?;
+        self.committed();
         self.used = self.used + added - bytes.len() as u64;
         Ok(())
     }
@@ -959,65 +1176,13 @@ impl Store {
         reason: &str,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        self.conn.execute(
+        self.change(
             "INSERT INTO quarantine (at_ms, place, reason, frame) VALUES (?1, 'received', ?2, ?3)",
             params![
                 now_ms as i64,
                 reason,
                 &bytes[..bytes.len().min(frame::MAX_FRAME)]
             ],
-        )?;
-        Ok(())
-    }
-
-    /// Reserves `n` payload counters for sealing to `peer`, durably, before any is
-    /// used: a crash can skip counters but never reuse one. Returns `start..end`.
-    pub fn reserve_counters(
-        &mut self,
-        peer: &Name,
-        n: u64,
-    ) -> Result<std::ops::Range<u64>, StoreError> {
-        let tx = self.conn.savepoint()?;
-        let start: i64 = tx
-            .query_row(
-                "SELECT reserved FROM seal_out WHERE peer = ?1",
-                [peer.as_str()],
-                |r| r.get(0),
-            )
-            .optional()?
-            .unwrap_or(1);
-        let end = start + n as i64;
-        tx.execute(
-            "INSERT INTO seal_out (peer, reserved) VALUES (?1, ?2) ON CONFLICT (peer) DO UPDATE SET reserved = ?2",
-            params![peer.as_str(), end],
-        )?;
-        tx.commit()?;
-        Ok(start as u64..end as u64)
-    }
-
-    /// The replay window of payloads from `peer`: (highest, bits).
-    pub fn seal_window(&self, peer: &Name) -> Result<(u64, u64), StoreError> {
-        let w: Option<(i64, i64)> = self
-            .conn
-            .query_row(
-                "SELECT highest, bits FROM seal_in WHERE peer = ?1",
-                [peer.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        Ok(w.map(|(h, b)| (h as u64, b as u64)).unwrap_or((0, 0)))
-    }
-
-    pub fn set_seal_window(
-        &mut self,
-        peer: &Name,
-        highest: u64,
-        bits: u64,
-    ) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT INTO seal_in (peer, highest, bits) VALUES (?1, ?2, ?3)
-             ON CONFLICT (peer) DO UPDATE SET highest = ?2, bits = ?3",
-            params![peer.as_str(), highest as i64, bits as i64],
         )?;
         Ok(())
     }
@@ -1097,7 +1262,11 @@ fn enqueue_in(
     let mut queued = Vec::with_capacity(items.len());
     let mut added = 0;
     let mut next = tx.prepare_cached(
-        "INSERT INTO out_streams (peer, lane, last_seq, acked) VALUES (?1, ?2, 1, 0)
+        // A new stream toward a peer we have not synchronised with since our store
+        // lost state (or never met) is numbered provisionally from 0 (`base`).
+        "INSERT INTO out_streams (peer, lane, last_seq, acked, base)
+         VALUES (?1, ?2, 1, 0, CASE WHEN EXISTS
+             (SELECT 1 FROM peer_sessions WHERE peer = ?1 AND we_lost = 0) THEN NULL ELSE 0 END)
          ON CONFLICT (peer, lane) DO UPDATE SET last_seq = last_seq + 1
          RETURNING last_seq",
     )?;
@@ -1178,6 +1347,90 @@ fn receive_one(
     )?
     .execute(params![peer, lane, new_wm as i64])?;
     Ok(Receipt::Accepted { watermark: new_wm })
+}
+
+/// Stores a result from `env.from` for its command `cmd_seq`; returns its row id,
+/// or `None` when that command already has a result from the peer. A result this
+/// node wrote itself (`local`) is replaced, keeping its id.
+fn store_result(
+    tx: &Connection,
+    env: &Envelope,
+    cmd_seq: u64,
+    bytes: &[u8],
+    now_ms: u64,
+) -> rusqlite::Result<Option<i64>> {
+    let key = params![env.from.as_str(), env.lane.as_str(), cmd_seq as i64];
+    let existing: Option<(i64, bool)> = tx
+        .query_row(
+            "SELECT id, local FROM results WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
+            key,
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    match existing {
+        Some((_, false)) => Ok(None),
+        Some((id, true)) => {
+            tx.execute(
+                "UPDATE results SET at_ms = ?2, frame = ?3, local = 0 WHERE id = ?1",
+                params![id, now_ms as i64, bytes],
+            )?;
+            Ok(Some(id))
+        }
+        None => {
+            tx.execute(
+                "INSERT INTO results (peer, lane, seq, at_ms, frame) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    env.from.as_str(),
+                    env.lane.as_str(),
+                    cmd_seq as i64,
+                    now_ms as i64,
+                    bytes
+                ],
+            )?;
+            Ok(Some(tx.last_insert_rowid()))
+        }
+    }
+}
+
+/// Records a result this node made itself for its command `result.seq` to `peer`
+/// (expired before delivery, lost with a store), marked `local` so that a result
+/// from the peer still replaces it, and sets the job target's state.
+fn local_result(
+    tx: &Connection,
+    me: &Name,
+    peer: &Name,
+    lane: &Lane,
+    result: CmdResult,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let (seq, status) = (result.seq, result.status);
+    let env = Envelope {
+        from: peer.clone(),
+        to: me.clone(),
+        lane: lane.clone(),
+        seq: 0,
+        created_ms: now_ms,
+        ttl_s: None,
+        body: Body::Result(result),
+    };
+    let bytes = frame::encode(&env)?;
+    tx.execute(
+        "INSERT INTO results (peer, lane, seq, at_ms, frame, local) VALUES (?1, ?2, ?3, ?4, ?5, 1)
+         ON CONFLICT (peer, lane, seq) DO NOTHING",
+        params![
+            peer.as_str(),
+            lane.as_str(),
+            seq as i64,
+            now_ms as i64,
+            bytes
+        ],
+    )?;
+    tx.execute(
+        "UPDATE job_targets SET state = ?4, result = (SELECT id FROM results WHERE peer = ?1 AND lane = ?2 AND seq = ?3)
+         WHERE node = ?1 AND lane = ?2 AND seq = ?3 AND result IS NULL",
+        params![peer.as_str(), lane.as_str(), seq as i64, status.as_str()],
+    )?;
+    Ok(())
 }
 
 /// Deletes a consumed inbox frame; returns the bytes freed.

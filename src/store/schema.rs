@@ -142,6 +142,52 @@ const MIGRATIONS: &[&str] = &[
     "
     CREATE INDEX journal_running ON journal (peer, lane, seq) WHERE state = 'running';
     ",
+    // 5 -> 6: store epochs and resynchronisation. `meta` holds this store's random
+    // epoch (bound into every seal key) and its generation, bumped by every commit
+    // and mirrored in the `store.gen` file beside the database, so a store that
+    // lost commits is noticed. `peer_sessions` replaces `seal_in`: per peer, its
+    // epoch, the replay window for it, and where the handshake stands. Counters of
+    // `seal_out` belong to the current epoch and start again with a new one.
+    "
+    CREATE TABLE meta (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        epoch INTEGER NOT NULL,
+        gen INTEGER NOT NULL,
+        -- Why and when this store last found it had lost committed state, and how
+        -- many times it has.
+        lost_ms INTEGER,
+        lost_reason TEXT,
+        losses INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE peer_sessions (
+        peer TEXT PRIMARY KEY,
+        epoch INTEGER NOT NULL,         -- the peer's store epoch, as authenticated
+        highest INTEGER NOT NULL,       -- replay window of payloads from that epoch
+        bits INTEGER NOT NULL,
+        knows_mine INTEGER NOT NULL,    -- it opened a payload sealed for our epoch
+        synced INTEGER NOT NULL,        -- we applied its Sync for both current epochs
+        we_lost INTEGER NOT NULL,       -- our numbering toward it is provisional
+        synced_after INTEGER NOT NULL   -- meta.losses when we last synced with it
+    );
+    -- Epochs of a peer's earlier stores: their payloads are never accepted again.
+    CREATE TABLE retired_epochs (
+        peer TEXT NOT NULL, epoch INTEGER NOT NULL,
+        PRIMARY KEY (peer, epoch)
+    );
+    DROP TABLE seal_in;
+    DELETE FROM seal_out;
+    -- base: frames above it were numbered while our store had lost state toward
+    -- this peer; they move above the peer's watermark at the next Sync.
+    -- doubt: frames up to it may have reached an earlier store of the peer.
+    ALTER TABLE out_streams ADD COLUMN base INTEGER;
+    ALTER TABLE out_streams ADD COLUMN doubt INTEGER NOT NULL DEFAULT 0;
+    -- doubt: commands up to it may have reached an earlier store of this node and
+    -- are not run (reported interrupted) unless they ask to be re-run.
+    ALTER TABLE in_streams ADD COLUMN doubt INTEGER NOT NULL DEFAULT 0;
+    -- local: a result this node wrote itself (expired before delivery, lost with a
+    -- store); a result from the peer replaces it.
+    ALTER TABLE results ADD COLUMN local INTEGER NOT NULL DEFAULT 0;
+    ",
 ];
 
 /// Brings the database to the newest version, one transaction per step.

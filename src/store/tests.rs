@@ -54,7 +54,7 @@ fn open(dir: &TempDir, me: &str, quota: u64) -> Store {
         durability: Durability::Normal,
         quota_bytes: quota,
     };
-    Store::open(&dir.db(), &n(me), &cfg).unwrap()
+    Store::open(&dir.db(), &n(me), &cfg).unwrap().0
 }
 
 fn argv_word(env: &Envelope) -> String {
