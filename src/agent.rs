@@ -23,7 +23,7 @@ use crate::frame::{self, Body, CmdResult, Command, Exec, HttpGet, Lane, Name, St
 use crate::link::{Link, LinkConfig, LinkError, LinkEvent, Retained, TlsFiles};
 use crate::node::{Node, NodeConfig, Report};
 use crate::seal;
-use crate::store::{Inbound, Job, Outgoing, StoreConfig, StoreError};
+use crate::store::{Inbound, Job, Mono, Outgoing, StoreConfig, StoreError};
 use crate::trust::{self, ExecPolicy, Keys, Trust};
 
 use crate::{debug, error, info, warn};
@@ -50,6 +50,17 @@ enum Msg {
     Stop(i32),
 }
 
+/// Control clients that may wait for jobs at once; past it `wait` is refused.
+pub const MAX_WAITERS: usize = 1024;
+
+/// Which jobs changed: a few by id, or (after something that touches many, such as
+/// a resynchronisation) all of them.
+#[derive(Debug, Default)]
+struct Changed {
+    all: bool,
+    ids: std::collections::BTreeSet<i64>,
+}
+
 /// How long a stopping agent waits for its commands to be killed and recorded.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -62,6 +73,29 @@ struct Running {
     announced: bool,
     /// Kills an exec's process group; none for methods that cannot be stopped.
     cancel: Option<exec::Canceller>,
+}
+
+/// The monotonic clock: `CLOCK_BOOTTIME` (counts through suspend), in ms.
+fn mono_now(boot: u64) -> Mono {
+    // SAFETY: timespec is plain data; clock_gettime only writes into it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a timespec owned by this frame.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    Mono {
+        ms: ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000,
+        boot,
+    }
+}
+
+/// This boot, as 64 bits of the kernel's boot id (never 0).
+fn boot_id() -> u64 {
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let hex: String = text
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(16)
+        .collect();
+    u64::from_str_radix(&hex, 16).unwrap_or(0).max(1)
 }
 
 pub fn now_ms() -> u64 {
@@ -86,13 +120,23 @@ pub fn run(cfg: Config) -> Result<(), String> {
     if left > 0 {
         warn!("killed {left} process(es) a previous agent on this state directory left running");
     }
-    let node_cfg = NodeConfig {
+    let mut node_cfg = NodeConfig {
         store: StoreConfig {
             durability: cfg.durability,
             quota_bytes: cfg.quota,
         },
         ..NodeConfig::default()
     };
+    // For tests that must show something does not wait for the resend timer: a
+    // timer of this length would make such a test fail rather than pass slowly.
+    if let Some(ms) = std::env::var("OUTPOST_TEST_RTO_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        node_cfg.delivery.rto_min_ms = ms;
+        node_cfg.delivery.rto_max_ms = node_cfg.delivery.rto_max_ms.max(ms);
+        node_cfg.delivery.offline_probe_ms = ms;
+    }
     let keys = load_or_create_keys(&cfg)?;
     let _ = std::fs::write(cfg.state_dir.join("name"), format!("{}\n", cfg.name));
     let db = cfg.state_dir.join("store.db");
@@ -156,13 +200,18 @@ pub fn run(cfg: Config) -> Result<(), String> {
         tx,
         link_since_ms: now_ms(),
         last_error: None,
-        waiters: Vec::new(),
+        waiters: BTreeMap::new(),
+        n_waiters: 0,
+        changed_jobs: Changed::default(),
         retry_at: None,
         running: BTreeMap::new(),
+        boot: boot_id(),
+        sources: BTreeMap::new(),
         poisoned: None,
         presence_fixed_ms: None,
         unrecorded: Vec::new(),
         store_error: None,
+        store_retry_ms: 0,
         stopping: None,
         tag,
     };
@@ -240,9 +289,17 @@ struct Agent {
     link_since_ms: u64,
     last_error: Option<String>,
     /// Control clients waiting for a job to change.
-    waiters: Vec<(i64, usize, Sender<Value>)>,
+    /// Control clients waiting for a job to change: per job, (results seen, reply).
+    waiters: BTreeMap<i64, Vec<(usize, Sender<Value>)>>,
+    n_waiters: usize,
+    /// Jobs that got results since waiters were last answered.
+    changed_jobs: Changed,
     /// Publishing was refused (queue full): try again at this time.
     retry_at: Option<Instant>,
+    /// Which boot the monotonic clock counts from.
+    boot: u64,
+    /// Open source files of transfers from share_dirs, by transfer id.
+    sources: BTreeMap<i64, std::fs::File>,
     /// An oversized message cut the link: (when, its size). Presence is off since.
     poisoned: Option<(u64, usize)>,
     /// When this node last put its own presence back to online.
@@ -254,6 +311,8 @@ struct Agent {
     unrecorded: Vec<(Box<Inbound>, Box<CmdResult>)>,
     /// Since when, and why, the store refuses writes.
     store_error: Option<(u64, String)>,
+    /// When to try taking work again while it does.
+    store_retry_ms: u64,
     /// A stop signal arrived: (signal, deadline for the children).
     stopping: Option<(i32, Instant)>,
     /// [`exec::TAG_VAR`] for this agent's commands.
@@ -266,7 +325,7 @@ impl Agent {
         let now = now_ms();
         let mut wake = self
             .node
-            .next_wakeup()
+            .next_wakeup(now)
             .map(|t| Duration::from_millis(t.saturating_sub(now)));
         if let Some(at) = self.retry_at {
             let d = at.saturating_duration_since(Instant::now());
@@ -308,6 +367,7 @@ impl Agent {
 
     fn handle(&mut self, msg: Msg) {
         let now = now_ms();
+        self.node.tick(mono_now(self.boot));
         match msg {
             Msg::Link(LinkEvent::Connected { .. }) => {
                 self.link_since_ms = now;
@@ -403,6 +463,9 @@ impl Agent {
 
     /// Notes whether the last store write failed, for `status` and the log.
     fn note_store(&mut self, failed: Option<String>, now: u64) {
+        if failed.is_some() {
+            self.store_retry_ms = now + 2_000;
+        }
         match (failed, &self.store_error) {
             (Some(e), None) => self.store_error = Some((now, e)),
             (Some(e), Some((since, _))) => self.store_error = Some((*since, e)),
@@ -498,14 +561,25 @@ impl Agent {
     /// Publishes what delivery wants sent, starts what is runnable, answers waiters.
     fn drive(&mut self) {
         let now = now_ms();
+        self.node.tick(mono_now(self.boot));
         self.retry_at = None;
+        match self.node.expire(now) {
+            Ok(0) => {}
+            Ok(n) => {
+                info!("{n} command(s) withdrawn: their ttl passed before their node took them");
+                self.changed_jobs.all = true;
+            }
+            Err(e) => error!("cannot withdraw expired commands: {e}"),
+        }
         // Before sealing anything: a peer trusted a moment ago is sealable now.
         self.refresh_trust();
         if !self.unrecorded.is_empty() {
             self.record_results(now);
         }
-        // A stopping agent starts nothing new.
-        if self.stopping.is_none() {
+        // A stopping agent starts nothing new; a store that refuses writes is
+        // tried again every few seconds, not on every message.
+        let store_waits = self.store_error.is_some() && now < self.store_retry_ms;
+        if self.stopping.is_none() && !store_waits {
             let taken = self.run_ready(now);
             if let Err(e) = &taken {
                 error!("cannot take runnable work: {e}");
@@ -610,6 +684,14 @@ impl Agent {
                                 key.0, key.1, key.2
                             );
                         }
+                        let cmd = match &inbound.env.body {
+                            Body::Result(r) => r.seq,
+                            Body::Discarded { seq, .. } => *seq,
+                            _ => unreachable!("matched above"),
+                        };
+                        if let Some(job) = self.node.store().job_of(&key.0, &key.1, cmd)? {
+                            self.changed_jobs.ids.insert(job);
+                        }
                         consumed = true;
                     }
                     Body::Lost { reason } => {
@@ -651,7 +733,7 @@ impl Agent {
     fn start(&mut self, inbound: Inbound, cmd: Command, now: u64) -> Result<(), StoreError> {
         let env = &inbound.env;
         let seq = env.seq;
-        if env.expired(now) {
+        if inbound.expired {
             let r = CmdResult::without_run(
                 seq,
                 Status::Expired,
@@ -741,8 +823,12 @@ impl Agent {
             Request::Job { id } => self.job_reply(id),
             Request::Wait { id, seen, .. } => match self.node.store().job(id) {
                 Ok(Some(job)) if job.done() || n_results(&job) > seen => Ok(json!({ "ok": true, "job": job_json(&job) })),
+                Ok(Some(_)) if self.n_waiters >= MAX_WAITERS => Err(format!(
+                    "{MAX_WAITERS} clients are already waiting for jobs; try again when some are done (or look with `outpost jobs show {id}`)"
+                )),
                 Ok(Some(_)) => {
-                    self.waiters.push((id, seen, reply.clone()));
+                    self.waiters.entry(id).or_default().push((seen, reply.clone()));
+                    self.n_waiters += 1;
                     return None;
                 }
                 Ok(None) => Err(format!("no job {id}")),
@@ -766,23 +852,46 @@ impl Agent {
         }
     }
 
+    /// Answers the clients waiting for jobs that changed: one store read per
+    /// changed job, nothing for the others, however many wait.
     fn answer_waiters(&mut self) {
+        let changed = std::mem::take(&mut self.changed_jobs);
         if self.waiters.is_empty() {
             return;
         }
-        let waiters = std::mem::take(&mut self.waiters);
-        for (id, seen, reply) in waiters {
-            if reply.is_closed() {
+        let ids: Vec<i64> = if changed.all {
+            self.waiters.keys().copied().collect()
+        } else {
+            changed
+                .ids
+                .into_iter()
+                .filter(|id| self.waiters.contains_key(id))
+                .collect()
+        };
+        for id in ids {
+            let Some(list) = self.waiters.remove(&id) else {
                 continue;
+            };
+            self.n_waiters -= list.len();
+            let job = self.node.store().job(id);
+            let mut keep = Vec::new();
+            for (seen, reply) in list {
+                if reply.is_closed() {
+                    continue;
+                }
+                match &job {
+                    Ok(Some(job)) if job.done() || n_results(job) > seen => {
+                        let _ = reply.try_send(json!({ "ok": true, "job": job_json(job) }));
+                    }
+                    Ok(Some(_)) => keep.push((seen, reply)),
+                    _ => {
+                        let _ = reply.try_send(control::error_reply(format!("no job {id}")));
+                    }
+                }
             }
-            match self.node.store().job(id) {
-                Ok(Some(job)) if job.done() || n_results(&job) > seen => {
-                    let _ = reply.try_send(json!({ "ok": true, "job": job_json(&job) }));
-                }
-                Ok(Some(_)) => self.waiters.push((id, seen, reply)),
-                _ => {
-                    let _ = reply.try_send(control::error_reply(format!("no job {id}")));
-                }
+            if !keep.is_empty() {
+                self.n_waiters += keep.len();
+                self.waiters.insert(id, keep);
             }
         }
     }
@@ -1005,6 +1114,9 @@ impl Agent {
                     "{sender} has a new store (its earlier one was lost or went back in time); synchronising streams"
                 );
             }
+        }
+        if report.interrupted > 0 || report.synced.as_ref().is_some_and(|o| o.interrupted > 0) {
+            self.changed_jobs.all = true;
         }
         if let Some(outcome) = &report.synced {
             info!("streams with {sender} synchronised");

@@ -57,8 +57,8 @@ impl Agent {
                 let offered = self
                     .trust
                     .allows(&peer, "files")
-                    .and_then(|_| files::shared(&self.cfg.share_dirs, path))
-                    .and_then(|real| self.offer(&peer, &real, &id, None, now));
+                    .and_then(|_| files::resolve_shared(&self.cfg.share_dirs, path))
+                    .and_then(|(root, rel)| self.offer_shared(&peer, &root, &rel, &id, now));
                 match offered {
                     Ok(_) => self.node.store_mut().consume(inbound)?,
                     Err(reason) => {
@@ -168,7 +168,16 @@ impl Agent {
             self.node.store_mut().consume(inbound)?;
             return self.fail_incoming(&t, &reason, now);
         }
-        if let Err(reason) = files::write_chunk(&t.path, index, t.chunk_size, data) {
+        if let Err(e) = files::write_chunk_io(&t.path, index, t.chunk_size, data) {
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                // The chunk stays in the inbox and is written when there is room:
+                // the transfer waits, it does not fail.
+                return Err(StoreError::Invalid(format!(
+                    "no room for chunk {index} of {} from {peer}: {e}",
+                    t.file_id
+                )));
+            }
+            let reason = format!("cannot write {}: {e}", t.path.display());
             self.node.store_mut().consume(inbound)?;
             return self.fail_incoming(&t, &reason, now);
         }
@@ -221,6 +230,38 @@ impl Agent {
         self.node.sync_streams()
     }
 
+    /// Offers a file from a share directory: opened once without following
+    /// symlinks, hashed from that descriptor, and its chunks read from it (see
+    /// [`files::open_confined`]); the transfer keeps `root` and the path below it.
+    fn offer_shared(
+        &mut self,
+        peer: &Name,
+        root: &std::path::Path,
+        rel: &std::path::Path,
+        id: &str,
+        now: u64,
+    ) -> Result<i64, String> {
+        files::validate_id(id)?;
+        let mut f = files::open_confined(root, rel)?;
+        let (sha256, size) = files::sha256_open(&mut f)?;
+        let offer = FileOffer {
+            id: id.to_string(),
+            size,
+            sha256,
+            chunk_size: self.cfg.chunk_size,
+            expires_ms: None,
+        };
+        let root_s = root.to_string_lossy();
+        let t = self
+            .node
+            .store_mut()
+            .start_outgoing(peer, &offer, (Some(&root_s), &rel.to_string_lossy()), now)
+            .map_err(|e| e.to_string())?;
+        self.sources.insert(t, f);
+        self.node.sync_streams().map_err(|e| e.to_string())?;
+        Ok(t)
+    }
+
     /// Hashes `path` and offers it to `peer` as `id`.
     fn offer(
         &mut self,
@@ -245,7 +286,7 @@ impl Agent {
         let t = self
             .node
             .store_mut()
-            .start_outgoing(peer, &offer, &path.to_string_lossy(), now)
+            .start_outgoing(peer, &offer, (None, &path.to_string_lossy()), now)
             .map_err(|e| e.to_string())?;
         self.node.sync_streams().map_err(|e| e.to_string())?;
         Ok(t)
@@ -255,6 +296,8 @@ impl Agent {
     /// transfers and files. Called on every turn of the loop.
     pub(super) fn pump_files(&mut self, now: u64) -> Result<(), StoreError> {
         let transfers = self.node.store().transfers(500)?;
+        self.sources
+            .retain(|id, _| transfers.iter().any(|t| t.id == *id && !t.finished()));
         let mut active = false;
         for t in transfers.iter().filter(|t| !t.finished()) {
             active = true;
@@ -288,7 +331,23 @@ impl Agent {
             }
             let mut chunks = Vec::with_capacity(room as usize);
             for i in 0..room {
-                match files::read_chunk(&t.path, t.next_chunk + i, t.chunk_size) {
+                let index = t.next_chunk + i;
+                let read = match &t.root {
+                    // Read only from the file opened when it was offered (opened
+                    // again, the same way, after a restart).
+                    Some(root) => match self.sources.entry(t.id) {
+                        std::collections::btree_map::Entry::Occupied(mut f) => {
+                            files::read_chunk_open(f.get_mut(), index, t.chunk_size)
+                        }
+                        std::collections::btree_map::Entry::Vacant(v) => {
+                            files::open_confined(root, &t.path).and_then(|f| {
+                                files::read_chunk_open(v.insert(f), index, t.chunk_size)
+                            })
+                        }
+                    },
+                    None => files::read_chunk(&t.path, index, t.chunk_size),
+                };
+                match read {
                     Ok(c) => chunks.push(c),
                     Err(reason) => {
                         error!("file {} to {}: {reason}", t.file_id, t.peer);

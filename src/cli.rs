@@ -69,9 +69,13 @@ pub struct AgentArgs {
     /// broker user name
     #[argh(option)]
     pub username: Option<String>,
-    /// broker password
+    /// broker password; visible to every user in `ps`: prefer --password-file or
+    /// the OUTPOST_PASSWORD environment variable
     #[argh(option)]
     pub password: Option<String>,
+    /// file whose first line is the broker password (not readable by others)
+    #[argh(option)]
+    pub password_file: Option<PathBuf>,
     /// CA certificate file (PEM) for mqtts://
     #[argh(option)]
     pub ca_file: Option<PathBuf>,
@@ -108,6 +112,7 @@ impl AgentArgs {
             output_cap: self.output_cap.clone(),
             username: self.username.clone(),
             password: self.password.clone(),
+            password_file: self.password_file.clone(),
             ca_file: self.ca_file.clone(),
             client_cert: self.client_cert.clone(),
             client_key: self.client_key.clone(),

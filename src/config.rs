@@ -31,6 +31,8 @@ pub struct FileConfig {
     pub output_cap: Option<String>,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// A file holding the broker password (first line), not readable by others.
+    pub password_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
@@ -70,6 +72,7 @@ impl FileConfig {
             output_cap,
             username,
             password,
+            password_file,
             ca_file,
             client_cert,
             client_key,
@@ -177,6 +180,7 @@ impl Config {
             opt(raw.output_cap.as_deref(), "output_cap", parse_size)?.unwrap_or(64 * 1024);
         let log_level =
             opt(raw.log_level.as_deref(), "log_level", |s| s.parse())?.unwrap_or(LogLevel::Info);
+        let password = password(raw.password, raw.password_file.as_deref())?;
         if broker.tls && raw.ca_file.is_none() {
             return Err("ca_file: required for an mqtts:// broker".into());
         }
@@ -204,7 +208,7 @@ impl Config {
             log_level,
             output_cap,
             username: raw.username,
-            password: raw.password,
+            password,
             ca_file: raw.ca_file,
             client_cert: raw.client_cert,
             client_key: raw.client_key,
@@ -218,6 +222,35 @@ impl Config {
     pub fn presence_topic(&self, node: &Name) -> String {
         format!("{}/{node}/presence", self.prefix)
     }
+}
+
+/// The broker password: `OUTPOST_PASSWORD`, else the first line of
+/// `password_file`, else `password` (which, given as a flag, anyone can read in
+/// `ps`).
+fn password(plain: Option<String>, file: Option<&Path>) -> Result<Option<String>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(p) = std::env::var("OUTPOST_PASSWORD") {
+        return Ok(Some(p));
+    }
+    let Some(file) = file else {
+        return Ok(plain);
+    };
+    let meta =
+        std::fs::metadata(file).map_err(|e| format!("password_file {}: {e}", file.display()))?;
+    if meta.permissions().mode() & 0o004 != 0 {
+        return Err(format!(
+            "password_file {} is readable by everyone; chmod o-r {}",
+            file.display(),
+            file.display()
+        ));
+    }
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("password_file {}: {e}", file.display()))?;
+    let line = text.lines().next().unwrap_or_default().to_string();
+    if line.is_empty() {
+        return Err(format!("password_file {} is empty", file.display()));
+    }
+    Ok(Some(line))
 }
 
 fn opt<T>(

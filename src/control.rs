@@ -126,13 +126,18 @@ pub struct Client {
 impl Client {
     pub fn connect(state_dir: &Path) -> Result<Client, String> {
         let path = socket_path(state_dir);
-        let stream = UnixStream::connect(&path).map_err(|e| {
-            format!(
+        let stream = UnixStream::connect(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => format!(
+                "permission denied on {} (or its directory): the agent's socket is for the user the agent runs as; run this as that user (or root)",
+                path.display()
+            ),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => format!(
                 "no agent running for state directory {} (cannot connect to {}: {e}); start one with `outpost agent --state-dir {}`",
                 state_dir.display(),
                 path.display(),
                 state_dir.display()
-            )
+            ),
+            _ => format!("cannot connect to the agent at {}: {e}", path.display()),
         })?;
         Ok(Client {
             reader: BufReader::new(stream),

@@ -3,6 +3,7 @@
 //! A process-wide level is the one global here: every thread logs, and threading a
 //! logger handle through rumqttc's thread and every task would buy nothing.
 
+use std::io::Write;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::config::LogLevel;
@@ -25,7 +26,9 @@ pub fn log(level: LogLevel, msg: std::fmt::Arguments<'_>) {
             LogLevel::Info => "info",
             LogLevel::Debug => "debug",
         };
-        eprintln!("outpost: {tag}: {msg}");
+        // Never eprintln!: it panics when stderr cannot be written (a log file on
+        // a full disk), and a node must outlive its log.
+        let _ = writeln!(std::io::stderr().lock(), "outpost: {tag}: {msg}");
     }
 }
 

@@ -37,7 +37,7 @@ use crate::delivery::{Action, Delivery, DeliveryConfig, Event};
 use crate::frame::{self, Body, CmdResult, Envelope, Lane, Name, Status};
 use crate::session::{Change, Refusal, Session};
 use crate::store::{
-    control_lane, Corrupt, Inbound, Loss, Outgoing, Queued, Receipt, Store, StoreConfig,
+    control_lane, Corrupt, Inbound, Loss, Mono, Outgoing, Queued, Receipt, Store, StoreConfig,
     StoreError, SyncOutcome,
 };
 use crate::trust::Keys;
@@ -184,6 +184,19 @@ impl Node {
 
     pub fn me(&self) -> &Name {
         self.store.me()
+    }
+
+    /// The monotonic clock now (see [`Mono`]): call before each turn of calls, as
+    /// `now_ms` is passed to each. How long a frame waited here, for its ttl, is
+    /// measured on it.
+    pub fn tick(&mut self, mono: Mono) {
+        self.store.tick(mono);
+    }
+
+    /// Withdraws unsent commands whose ttl passed (see [`Store::expire_unsent`]);
+    /// returns how many.
+    pub fn expire(&mut self, now_ms: u64) -> Result<usize, StoreError> {
+        self.store.expire_unsent(now_ms)
     }
 
     /// This node's public key.
@@ -584,7 +597,7 @@ impl Node {
         if batch.is_empty() {
             return Ok(());
         }
-        let receipts = self.store.receive(&batch)?;
+        let receipts = self.store.receive(&batch, now_ms)?;
         for ((env, _), receipt) in batch.into_iter().zip(receipts) {
             let (peer, lane) = (env.from, env.lane);
             match receipt {
@@ -779,11 +792,13 @@ impl Node {
             .handle(Event::Unsent { peer: peer.clone() }, now_ms);
     }
 
-    /// When [`Node::poll_out`] next has work without a new event.
-    pub fn next_wakeup(&self) -> Option<u64> {
+    /// When [`Node::poll_out`] or [`Node::expire`] next has work without a new
+    /// event, on the wall clock (`now_ms` is the time now).
+    pub fn next_wakeup(&self, now_ms: u64) -> Option<u64> {
+        let expiry = self.store.next_expiry(now_ms).ok().flatten();
         let delivery = self.delivery.next_wakeup();
         if !self.delivery.is_connected() {
-            return delivery;
+            return [delivery, expiry].into_iter().flatten().min();
         }
         let owed = (!self.owed.is_empty() || !self.nacks.is_empty()).then_some(0);
         let asks = self
@@ -792,7 +807,7 @@ impl Node {
             .filter(|(p, _)| self.session.is_trusted(p))
             .map(|(_, a)| a.at_ms)
             .min();
-        [delivery, owed, asks].into_iter().flatten().min()
+        [delivery, owed, asks, expiry].into_iter().flatten().min()
     }
 
     /// Received frames whose turn has come (see [`Store::runnable`]), from peers

@@ -237,14 +237,17 @@ impl Session {
     }
 
     /// Whether a Sync echoing `echo`, sealed by `peer`'s store `epoch`, answers a
-    /// hello we sent to that store (or a probe, sent to whichever it was).
+    /// hello we sent to that store. A probe (sent before we knew any store of the
+    /// peer) counts only for the store we then adopted: another store that answered
+    /// it may be one that died after answering.
     pub fn answers(&self, peer: &Name, epoch: u64, echo: u64) -> bool {
-        echo != 0
-            && [epoch, 0].iter().any(|e| {
-                self.challenges
-                    .get(&(peer.clone(), *e))
-                    .is_some_and(|n| n.contains(&echo))
-            })
+        let known = self.peers.get(peer).map_or(0, |p| p.epoch);
+        let sent = |e: u64| {
+            self.challenges
+                .get(&(peer.clone(), e))
+                .is_some_and(|n| n.contains(&echo))
+        };
+        echo != 0 && (sent(epoch) || ((known == 0 || known == epoch) && sent(0)))
     }
 
     /// Forgets every hello sent to `peer` once one was answered: a late answer to

@@ -510,5 +510,6 @@ fn mqtt_options(cfg: &LinkConfig) -> Result<MqttOptions, LinkError> {
 
 /// The link's one logging call, so the agent can route it later.
 fn log(level: &str, msg: fmt::Arguments<'_>) {
-    eprintln!("outpost: {level}: {msg}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "outpost: {level}: {msg}");
 }

@@ -15,7 +15,10 @@ pub struct Transfer {
     pub direction: String,
     pub peer: Name,
     pub file_id: String,
+    /// out: the source (below `root` when set); in: the partial file.
     pub path: PathBuf,
+    /// out, for a file from share_dirs: the share directory `path` is below.
+    pub root: Option<PathBuf>,
     pub size: u64,
     pub sha256: Vec<u8>,
     pub chunk_size: u32,
@@ -58,7 +61,7 @@ pub fn control_lane() -> Lane {
     Lane::new("control").expect("valid lane")
 }
 
-const COLUMNS: &str = "id, direction, peer, file_id, path, size, sha256, chunk_size, n_chunks, next_chunk, state, reason, started_ms, updated_ms, expires_ms";
+const COLUMNS: &str = "id, direction, peer, file_id, path, size, sha256, chunk_size, n_chunks, next_chunk, state, reason, started_ms, updated_ms, expires_ms, root";
 
 fn transfer(r: &Row) -> rusqlite::Result<(Transfer, String)> {
     let peer: String = r.get(2)?;
@@ -79,6 +82,7 @@ fn transfer(r: &Row) -> rusqlite::Result<(Transfer, String)> {
             started_ms: r.get::<_, i64>(12)? as u64,
             updated_ms: r.get::<_, i64>(13)? as u64,
             expires_ms: r.get::<_, Option<i64>>(14)?.map(|v| v as u64),
+            root: r.get::<_, Option<String>>(15)?.map(PathBuf::from),
         },
         peer,
     ))
@@ -96,7 +100,7 @@ impl Store {
         &mut self,
         peer: &Name,
         offer: &FileOffer,
-        path: &str,
+        (root, path): (Option<&str>, &str),
         now_ms: u64,
     ) -> Result<i64, StoreError> {
         let n_chunks = offer.size.div_ceil(u64::from(offer.chunk_size.max(1))) as i64;
@@ -109,11 +113,11 @@ impl Store {
         let tx = self.conn.savepoint()?;
         tx.execute(
             "INSERT INTO transfers (direction, peer, file_id, path, size, sha256, chunk_size, n_chunks, next_chunk,
-                                    state, reason, started_ms, updated_ms, expires_ms)
-             VALUES ('out', ?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, 'offered', '', ?8, ?8, ?9)
+                                    state, reason, started_ms, updated_ms, expires_ms, root)
+             VALUES ('out', ?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, 'offered', '', ?8, ?8, ?9, ?10)
              ON CONFLICT (direction, peer, file_id) DO UPDATE SET path = ?3, size = ?4, sha256 = ?5,
                  chunk_size = ?6, n_chunks = ?7, next_chunk = 0, state = 'offered', reason = '',
-                 started_ms = ?8, updated_ms = ?8, expires_ms = ?9",
+                 started_ms = ?8, updated_ms = ?8, expires_ms = ?9, root = ?10",
             params![
                 peer.as_str(),
                 offer.id,
@@ -123,7 +127,8 @@ impl Store {
                 offer.chunk_size,
                 n_chunks,
                 now_ms as i64,
-                offer.expires_ms.map(|v| v as i64)
+                offer.expires_ms.map(|v| v as i64),
+                root
             ],
         )?;
         let id: i64 = tx.query_row(
@@ -131,7 +136,12 @@ impl Store {
             params![peer.as_str(), offer.id],
             |r| r.get(0),
         )?;
-        let (_, added) = enqueue_in(&tx, &self.me, std::slice::from_ref(&item), now_ms)?;
+        let (_, added) = enqueue_in(
+            &tx,
+            (&self.me, self.mono),
+            std::slice::from_ref(&item),
+            now_ms,
+        )?;
         commit(tx, self.batch)?;
         self.committed();
         self.used += added;
@@ -239,7 +249,7 @@ impl Store {
             })
             .collect();
         let tx = self.conn.savepoint()?;
-        let (queued, added) = enqueue_in(&tx, &self.me, &items, now_ms)?;
+        let (queued, added) = enqueue_in(&tx, (&self.me, self.mono), &items, now_ms)?;
         if self.used + added > self.quota {
             drop(tx);
             return Err(StoreError::Full {
@@ -314,7 +324,12 @@ impl Store {
             )?;
         }
         let freed = consume_in(&tx, &inbound.env)?;
-        let (mut queued, added) = enqueue_in(&tx, &self.me, std::slice::from_ref(&item), now_ms)?;
+        let (mut queued, added) = enqueue_in(
+            &tx,
+            (&self.me, self.mono),
+            std::slice::from_ref(&item),
+            now_ms,
+        )?;
         commit(tx, self.batch)?;
         self.committed();
         self.used = self.used + added - freed;
@@ -389,7 +404,12 @@ impl Store {
                 ],
             )?;
         }
-        let (_, added) = enqueue_in(&tx, &self.me, std::slice::from_ref(&item), now_ms)?;
+        let (_, added) = enqueue_in(
+            &tx,
+            (&self.me, self.mono),
+            std::slice::from_ref(&item),
+            now_ms,
+        )?;
         commit(tx, self.batch)?;
         self.committed();
         self.used += added;

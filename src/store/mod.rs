@@ -146,6 +146,19 @@ pub struct Inbound {
     /// A command that may have reached an earlier store of this node (its sender
     /// said so after that store was lost): not to be run again.
     pub doubtful: bool,
+    /// Its ttl has passed: the age it had when it arrived plus the time it has
+    /// waited here since, on the monotonic clock (so a wall clock that is set
+    /// forward or back changes nothing).
+    pub expired: bool,
+}
+
+/// A reading of the monotonic clock (`CLOCK_BOOTTIME`: it keeps counting through
+/// suspend) and the boot it counts from. Across a reboot it says nothing, and the
+/// wall clock stands in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Mono {
+    pub ms: u64,
+    pub boot: u64,
 }
 
 impl Inbound {
@@ -183,6 +196,8 @@ pub struct Store {
     epoch: u64,
     gen: u64,
     marker: Marker,
+    /// The monotonic clock as of the last [`Store::tick`].
+    mono: Mono,
 }
 
 impl std::fmt::Debug for Store {
@@ -350,8 +365,14 @@ impl Store {
             epoch,
             gen,
             marker,
+            mono: Mono::default(),
         };
         Ok((store, lost.map(|reason| Loss { reason })))
+    }
+
+    /// The monotonic clock now; receipts and ttls are measured on it.
+    pub fn tick(&mut self, mono: Mono) {
+        self.mono = mono;
     }
 
     /// This store's epoch.
@@ -462,7 +483,7 @@ impl Store {
         now_ms: u64,
     ) -> Result<Vec<Queued>, StoreError> {
         let tx = self.conn.savepoint()?;
-        let (queued, added) = enqueue_in(&tx, &self.me, &items, now_ms)?;
+        let (queued, added) = enqueue_in(&tx, (&self.me, self.mono), &items, now_ms)?;
         if self.used + added > self.quota {
             drop(tx);
             return Err(StoreError::Full {
@@ -610,12 +631,19 @@ impl Store {
     /// Stores received frames in one transaction: duplicates are dropped, frames after
     /// a gap are held, the watermark advances over every contiguous frame.
     /// `frames` must be sequenced frames addressed to this node.
-    pub fn receive(&mut self, frames: &[(Envelope, &[u8])]) -> Result<Vec<Receipt>, StoreError> {
+    /// Each is stamped with when it arrived (`now_ms` and the monotonic clock of
+    /// [`Store::tick`]), which is what its ttl is measured from.
+    pub fn receive(
+        &mut self,
+        frames: &[(Envelope, &[u8])],
+        now_ms: u64,
+    ) -> Result<Vec<Receipt>, StoreError> {
         let tx = self.conn.savepoint()?;
         let mut receipts = Vec::with_capacity(frames.len());
         let mut added = 0u64;
         for (env, bytes) in frames {
-            let receipt = receive_one(&tx, env, bytes, self.used + added, self.quota)?;
+            let space = (self.used + added, self.quota);
+            let receipt = receive_one(&tx, env, bytes, space, (now_ms, self.mono))?;
             if matches!(receipt, Receipt::Accepted { .. } | Receipt::Held { .. }) {
                 added += bytes.len() as u64;
             }
@@ -671,27 +699,48 @@ impl Store {
             if room == 0 {
                 continue;
             }
-            let rows: Vec<(u64, Vec<u8>)> = {
+            #[allow(clippy::type_complexity)]
+            let rows: Vec<(u64, Vec<u8>, Option<i64>, Option<i64>, Option<i64>)> = {
                 let mut stmt = self.conn.prepare_cached(
-                    "SELECT i.seq, i.frame FROM inbox i
+                    "SELECT i.seq, i.frame, i.recv_ms, i.recv_mono, i.recv_boot FROM inbox i
                      WHERE i.peer = ?1 AND i.lane = ?2 AND i.seq <= ?3
                        AND NOT EXISTS (SELECT 1 FROM journal j WHERE j.peer = i.peer AND j.lane = i.lane AND j.seq = i.seq)
                      ORDER BY i.seq LIMIT ?4",
                 )?;
                 let rows = stmt.query_map(
                     params![peer.as_str(), lane.as_str(), wm, room as i64],
-                    |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?)),
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)? as u64,
+                            r.get::<_, Vec<u8>>(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                        ))
+                    },
                 )?;
                 rows.collect::<Result<_, _>>()?
             };
-            for (seq, bytes) in rows {
+            for (seq, bytes, recv_ms, recv_mono, recv_boot) in rows {
                 match frame::decode(&bytes)
                     .and_then(|env| matching(env, &peer, &self.me, &lane, seq))
                 {
                     Ok(env) => {
                         let doubtful = seq <= doubt as u64
                             && matches!(&env.body, Body::Command(c) if !c.reruns());
-                        ready.push(Inbound { env, doubtful });
+                        let arrived = recv_ms.map(|w| Arrival {
+                            wall_ms: w as u64,
+                            mono: Mono {
+                                ms: recv_mono.unwrap_or(0) as u64,
+                                boot: recv_boot.unwrap_or(0) as u64,
+                            },
+                        });
+                        let expired = expired(&env, arrived, now_ms, self.mono);
+                        ready.push(Inbound {
+                            env,
+                            doubtful,
+                            expired,
+                        });
                     }
                     Err(error) => {
                         self.discard(&peer, &lane, seq, &bytes, &error, now_ms)?;
@@ -751,7 +800,12 @@ impl Store {
             params![env.from.as_str(), env.lane.as_str(), env.seq as i64, method, now_ms as i64, status],
         )?;
         let freed = consume_in(&tx, env)?;
-        let (mut queued, added) = enqueue_in(&tx, &self.me, std::slice::from_ref(&out), now_ms)?;
+        let (mut queued, added) = enqueue_in(
+            &tx,
+            (&self.me, self.mono),
+            std::slice::from_ref(&out),
+            now_ms,
+        )?;
         commit(tx, self.batch)?;
         self.committed();
         self.used = self.used + added - freed;
@@ -798,7 +852,7 @@ impl Store {
         now_ms: u64,
     ) -> Result<(i64, Vec<Queued>), StoreError> {
         let tx = self.conn.savepoint()?;
-        let (queued, added) = enqueue_in(&tx, &self.me, &items, now_ms)?;
+        let (queued, added) = enqueue_in(&tx, (&self.me, self.mono), &items, now_ms)?;
         if self.used + added > self.quota {
             drop(tx);
             return Err(StoreError::Full {
@@ -823,6 +877,92 @@ impl Store {
         self.committed();
         self.used += added;
         Ok((job, queued))
+    }
+
+    /// Withdraws commands whose ttl passed before their receiver took them: the
+    /// outbox frame becomes a [`Body::Withdrawn`] with the same number (the stream
+    /// keeps flowing), and the job target gets an `expired` result of our own,
+    /// which a result from the receiver (had it taken the command after all)
+    /// replaces. Measured on the monotonic clock of [`Store::tick`] within one
+    /// boot, on the wall clock across one. Returns how many.
+    pub fn expire_unsent(&mut self, now_ms: u64) -> Result<usize, StoreError> {
+        let rows: Vec<(String, String, i64, Vec<u8>)> = {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT peer, lane, seq, frame FROM outbox WHERE expires_ms IS NOT NULL
+                 AND ((boot = ?1 AND expires_mono <= ?2) OR (boot IS NOT ?1 AND expires_ms <= ?3))",
+            )?;
+            let rows = stmt.query_map(
+                params![self.mono.boot as i64, self.mono.ms as i64, now_ms as i64],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )?;
+            rows.collect::<Result<_, _>>()?
+        };
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let me = self.me.clone();
+        let tx = self.conn.savepoint()?;
+        let mut n = 0;
+        for (peer, lane, seq, bytes) in rows {
+            let (peer, lane) = (name(&peer)?, lane_of(&lane)?);
+            let key = params![peer.as_str(), lane.as_str(), seq];
+            let Ok(mut env) = frame::decode(&bytes) else {
+                // Reported as corrupt when it is next read for sending.
+                tx.execute(
+                    "UPDATE outbox SET expires_ms = NULL WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
+                    key,
+                )?;
+                continue;
+            };
+            let reason =
+                format!("the ttl passed before {peer} took the command; withdrawn by the sender");
+            env.body = Body::Withdrawn {
+                reason: reason.clone(),
+            };
+            tx.execute(
+                "UPDATE outbox SET frame = ?4, expires_ms = NULL, expires_mono = NULL
+                 WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
+                params![peer.as_str(), lane.as_str(), seq, frame::encode(&env)?],
+            )?;
+            let result = CmdResult::without_run(seq as u64, Status::Expired, reason, now_ms);
+            local_result(&tx, &me, &peer, &lane, result, now_ms)?;
+            n += 1;
+        }
+        commit(tx, self.batch)?;
+        self.committed();
+        self.used = bytes_held(&self.conn)?;
+        Ok(n)
+    }
+
+    /// When (wall clock) the next unsent command's ttl passes, if any has one.
+    pub fn next_expiry(&self, now_ms: u64) -> Result<Option<u64>, StoreError> {
+        let next: Option<(i64, Option<i64>, Option<i64>)> = self
+            .conn
+            .prepare_cached(
+                "SELECT expires_ms, expires_mono, boot FROM outbox WHERE expires_ms IS NOT NULL
+                 ORDER BY expires_ms LIMIT 1",
+            )?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        Ok(next.map(|(wall, mono, boot)| match (mono, boot) {
+            (Some(m), Some(b)) if b as u64 == self.mono.boot => {
+                now_ms + (m as u64).saturating_sub(self.mono.ms)
+            }
+            _ => wall as u64,
+        }))
+    }
+
+    /// The job that sent command `seq` to `node` on `lane`, if it was one.
+    pub fn job_of(&self, node: &Name, lane: &Lane, seq: u64) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT job FROM job_targets WHERE node = ?1 AND lane = ?2 AND seq = ?3",
+            )?
+            .query_row(params![node.as_str(), lane.as_str(), seq as i64], |r| {
+                r.get(0)
+            })
+            .optional()?)
     }
 
     /// Jobs, newest first, at most `limit`.
@@ -1071,6 +1211,7 @@ impl Store {
             let inbound = Inbound {
                 env,
                 doubtful: false,
+                expired: false,
             };
             queued.push(self.finish(&inbound, &method, result, now_ms)?);
         }
@@ -1162,7 +1303,12 @@ impl Store {
              VALUES (?1, ?2, ?3, 'done', 'unknown', ?4, ?4, 'rejected')",
             params![peer.as_str(), lane.as_str(), seq as i64, now_ms as i64],
         )?;
-        let (_, added) = enqueue_in(&tx, &self.me, std::slice::from_ref(&notice), now_ms)?;
+        let (_, added) = enqueue_in(
+            &tx,
+            (&self.me, self.mono),
+            std::slice::from_ref(&notice),
+            now_ms,
+        )?;
         commit(tx, self.batch)?;
         self.committed();
         self.used = self.used + added - bytes.len() as u64;
@@ -1255,7 +1401,7 @@ fn watermark(conn: &Connection, peer: &Name, lane: &Lane) -> rusqlite::Result<u6
 /// Numbers and writes frames inside `tx`; returns where they went and the bytes added.
 fn enqueue_in(
     tx: &Connection,
-    me: &Name,
+    (me, mono): (&Name, Mono),
     items: &[Outgoing],
     now_ms: u64,
 ) -> Result<(Vec<Queued>, u64), StoreError> {
@@ -1270,8 +1416,12 @@ fn enqueue_in(
          ON CONFLICT (peer, lane) DO UPDATE SET last_seq = last_seq + 1
          RETURNING last_seq",
     )?;
-    let mut insert =
-        tx.prepare_cached("INSERT INTO outbox (peer, lane, seq, frame) VALUES (?1, ?2, ?3, ?4)")?;
+    // A frame with a ttl records when it expires here, on both clocks (see
+    // `Store::expire_unsent`).
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO outbox (peer, lane, seq, frame, expires_ms, expires_mono, boot)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
     for item in items {
         let seq: i64 =
             next.query_row(params![item.to.as_str(), item.lane.as_str()], |r| r.get(0))?;
@@ -1286,7 +1436,19 @@ fn enqueue_in(
         };
         let bytes = frame::encode(&env)?;
         added += bytes.len() as u64;
-        insert.execute(params![item.to.as_str(), item.lane.as_str(), seq, bytes])?;
+        let ttl_ms = item
+            .ttl_s
+            .filter(|_| matches!(item.body, Body::Command(_)))
+            .map(|t| u64::from(t) * 1000);
+        insert.execute(params![
+            item.to.as_str(),
+            item.lane.as_str(),
+            seq,
+            bytes,
+            ttl_ms.map(|t| (now_ms + t) as i64),
+            ttl_ms.map(|t| (mono.ms + t) as i64),
+            mono.boot as i64
+        ])?;
         queued.push(Queued {
             to: item.to.clone(),
             lane: item.lane.clone(),
@@ -1300,8 +1462,8 @@ fn receive_one(
     tx: &Connection,
     env: &Envelope,
     bytes: &[u8],
-    used: u64,
-    quota: u64,
+    (used, quota): (u64, u64),
+    clock: (u64, Mono),
 ) -> Result<Receipt, StoreError> {
     let (peer, lane, seq) = (env.from.as_str(), env.lane.as_str(), env.seq);
     let wm = watermark(tx, &env.from, &env.lane)?;
@@ -1326,8 +1488,19 @@ fn receive_one(
     if used + bytes.len() as u64 > quota {
         return Ok(Receipt::NoSpace { watermark: wm });
     }
-    tx.prepare_cached("INSERT INTO inbox (peer, lane, seq, frame) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![peer, lane, seq as i64, bytes])?;
+    tx.prepare_cached(
+        "INSERT INTO inbox (peer, lane, seq, frame, recv_ms, recv_mono, recv_boot)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        peer,
+        lane,
+        seq as i64,
+        bytes,
+        clock.0 as i64,
+        clock.1.ms as i64,
+        clock.1.boot as i64
+    ])?;
     if seq != wm + 1 {
         return Ok(Receipt::Held { watermark: wm });
     }
@@ -1431,6 +1604,33 @@ fn local_result(
         params![peer.as_str(), lane.as_str(), seq as i64, status.as_str()],
     )?;
     Ok(())
+}
+
+/// When a frame arrived, on both clocks.
+#[derive(Debug, Clone, Copy)]
+struct Arrival {
+    wall_ms: u64,
+    mono: Mono,
+}
+
+/// Whether a received frame's ttl has passed at `now_ms` / `mono`: the age it
+/// had on arrival (its creation time was put on our wall clock then, from the age
+/// the sender measured) plus how long it has waited since, measured on the
+/// monotonic clock of the same boot, or on the wall clock after a reboot.
+fn expired(env: &Envelope, arrived: Option<Arrival>, now_ms: u64, mono: Mono) -> bool {
+    let Some(ttl) = env.ttl_s else {
+        return false;
+    };
+    let Some(a) = arrived else {
+        return env.expired(now_ms);
+    };
+    let age_on_arrival = a.wall_ms.saturating_sub(env.created_ms);
+    let waited = if a.mono.boot == mono.boot && mono.boot != 0 {
+        mono.ms.saturating_sub(a.mono.ms)
+    } else {
+        now_ms.saturating_sub(a.wall_ms)
+    };
+    age_on_arrival + waited > u64::from(ttl) * 1000
 }
 
 /// Deletes a consumed inbox frame; returns the bytes freed.

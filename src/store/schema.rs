@@ -187,6 +187,20 @@ const MIGRATIONS: &[&str] = &[
     -- local: a result this node wrote itself (expired before delivery, lost with a
     -- store); a result from the peer replaces it.
     ALTER TABLE results ADD COLUMN local INTEGER NOT NULL DEFAULT 0;
+    -- root: for a file shared from share_dirs, the share directory; `path` is then
+    -- below it and is only ever opened without following symlinks.
+    ALTER TABLE transfers ADD COLUMN root TEXT;
+    -- When a frame arrived here, on the wall clock and the monotonic one (with the
+    -- boot it counts from): its ttl is measured from these, not from the wall clock
+    -- alone.
+    ALTER TABLE inbox ADD COLUMN recv_ms INTEGER;
+    ALTER TABLE inbox ADD COLUMN recv_mono INTEGER;
+    ALTER TABLE inbox ADD COLUMN recv_boot INTEGER;
+    -- A command with a ttl expires at the sender too, if it is still unsent.
+    ALTER TABLE outbox ADD COLUMN expires_ms INTEGER;
+    ALTER TABLE outbox ADD COLUMN expires_mono INTEGER;
+    ALTER TABLE outbox ADD COLUMN boot INTEGER;
+    CREATE INDEX outbox_expiring ON outbox (expires_ms) WHERE expires_ms IS NOT NULL;
     ",
 ];
 

@@ -98,7 +98,7 @@ fn receive_drops_duplicates_holds_gaps_and_advances_the_watermark() {
     let mut a = open(&dir_a, "a", u64::MAX);
     let recv = |a: &mut Store, i: usize| {
         let bytes = &frames[i].1;
-        a.receive(&[(frame::decode(bytes).unwrap(), bytes.as_slice())])
+        a.receive(&[(frame::decode(bytes).unwrap(), bytes.as_slice())], 0)
             .unwrap()[0]
     };
     assert_eq!(recv(&mut a, 0), Receipt::Accepted { watermark: 1 });
@@ -131,7 +131,7 @@ fn journal_runs_each_command_once_and_queues_its_result_atomically() {
         .iter()
         .map(|(_, b)| (frame::decode(b).unwrap(), b.as_slice()))
         .collect();
-    a.receive(&batch).unwrap();
+    a.receive(&batch, 0).unwrap();
 
     let (ready, _) = a.runnable(4, 2).unwrap();
     a.start(&ready[0], "exec", 2).unwrap();
@@ -247,7 +247,7 @@ fn corrupt_inbox_frame_on_disk_is_quarantined_its_sender_told_and_the_next_runs(
         .iter()
         .map(|(_, b)| (frame::decode(b).unwrap(), b.as_slice()))
         .collect();
-    a.receive(&batch).unwrap();
+    a.receive(&batch, 0).unwrap();
     checkpoint(&a);
     drop(a);
     corrupt_on_disk(&dir_a.db(), b"marker-one");
@@ -328,7 +328,7 @@ fn quota_defers_received_frames_without_storing_them() {
         .iter()
         .map(|(_, b)| (frame::decode(b).unwrap(), b.as_slice()))
         .collect();
-    let receipts = a.receive(&batch).unwrap();
+    let receipts = a.receive(&batch, 0).unwrap();
     let stored = receipts
         .iter()
         .filter(|r| matches!(r, Receipt::Accepted { .. }))

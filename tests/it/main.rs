@@ -3,6 +3,7 @@
 //! through the helpers in `support` everywhere else.
 
 mod agent;
+mod faults;
 mod files;
 mod security;
 mod sim;

@@ -5,8 +5,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -17,105 +16,10 @@ use outpost::seal::{self, Header};
 
 use crate::agent::{introduce, outpost, Agent};
 use crate::support::broker::Broker;
-use crate::support::{find_program, wait_for, wait_until, KillOnDrop, TempDir};
+use crate::support::mqtt::{publish, Capture};
+use crate::support::{wait_for, wait_until, TempDir};
 
 const LONG: Duration = Duration::from_secs(120);
-
-/// (topic, payload) pairs seen by a capture.
-type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
-
-/// Every message published on `topic`, as (topic, payload bytes), from a subscriber
-/// started before anything is sent.
-struct Capture {
-    _proc: KillOnDrop,
-    seen: Seen,
-}
-
-impl Capture {
-    fn start(broker: &Broker, topic: &str) -> Capture {
-        let sub = find_program("mosquitto_sub")
-            .expect("mosquitto_sub (apt-get install mosquitto-clients)");
-        let client_id = format!("capture-{}", std::process::id());
-        let mut child = Command::new(sub)
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &broker.port().to_string(),
-                "-i",
-                &client_id,
-                "-q",
-                "1",
-                "-v",
-            ])
-            .args(["-t", topic, "-F", "%t %x"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let seen: Seen = Arc::default();
-        let sink = seen.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Some((t, hex)) = line.split_once(' ') {
-                    let bytes = (0..hex.len() / 2)
-                        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-                        .collect();
-                    sink.lock().unwrap().push((t.to_string(), bytes));
-                }
-            }
-        });
-        broker.wait_for_log(&format!("{client_id} 1 {topic}"), LONG);
-        Capture {
-            _proc: KillOnDrop(child),
-            seen,
-        }
-    }
-
-    fn payloads(&self, topic: &str) -> Vec<Vec<u8>> {
-        self.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(t, _)| t == topic)
-            .map(|(_, b)| b.clone())
-            .collect()
-    }
-
-    fn all(&self) -> Vec<(String, Vec<u8>)> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-fn publish(broker: &Broker, topic: &str, payload: &[u8], dir: &Path) {
-    let file = dir.join(format!("payload-{}", rand_tag()));
-    std::fs::write(&file, payload).unwrap();
-    let publisher =
-        find_program("mosquitto_pub").expect("mosquitto_pub (apt-get install mosquitto-clients)");
-    let st = Command::new(publisher)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &broker.port().to_string(),
-            "-q",
-            "1",
-            "-t",
-            topic,
-            "-f",
-        ])
-        .arg(&file)
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
-fn rand_tag() -> u64 {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    N.fetch_add(1, Ordering::Relaxed) as u64
-}
 
 fn name(s: &str) -> Name {
     Name::new(s).unwrap()

@@ -23,7 +23,7 @@ use outpost::delivery::DeliveryConfig;
 use outpost::frame::{Body, CmdResult, Command, Exec, Lane, Name, Status};
 use outpost::node::{Node, NodeConfig};
 use outpost::session::RefusalKind;
-use outpost::store::{Durability, Inbound, Outgoing, StoreConfig};
+use outpost::store::{Durability, Inbound, Mono, Outgoing, StoreConfig};
 use outpost::trust::Keys;
 use x25519_dalek::{PublicKey, StaticSecret};
 
@@ -344,6 +344,11 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
                 }
             }
             nodes[i].node = Some(node);
+        }
+
+        // The monotonic clock is the virtual one too.
+        for n in nodes.iter_mut() {
+            n.node.as_mut().unwrap().tick(Mono { ms: now, boot: 1 });
         }
 
         // Send what each connected node wants to send, through a lossy network.

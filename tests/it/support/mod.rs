@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod mqtt;
 pub mod outpost;
 pub mod proxy;
 

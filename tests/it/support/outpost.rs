@@ -21,17 +21,33 @@ pub struct Agent {
     pub dir: PathBuf,
     broker_url: String,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
     proc: Option<KillOnDrop>,
     n_starts: u32,
 }
 
 impl Agent {
     pub fn start_with(name: &str, broker_url: &str, base: &Path, extra: &[&str]) -> Agent {
+        Agent::start_with_env(name, broker_url, base, extra, &[])
+    }
+
+    /// As [`Agent::start_with`], with variables added to the agent's environment.
+    pub fn start_with_env(
+        name: &str,
+        broker_url: &str,
+        base: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let mut a = Agent {
             name: name.into(),
             dir: base.join(name),
             broker_url: broker_url.into(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             proc: None,
             n_starts: 0,
         };
@@ -39,17 +55,23 @@ impl Agent {
         a
     }
 
+    /// Starts the agent again after it was killed or stopped.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
     fn spawn(&mut self) {
         std::fs::create_dir_all(&self.dir).unwrap();
         self.n_starts += 1;
-        let log =
-            std::fs::File::create(self.dir.join(format!("agent-{}.log", self.n_starts))).unwrap();
+        let log = std::fs::File::create(self.log_path(self.n_starts)).unwrap();
         let child = Command::new(BIN)
             .args(["agent", "--name", &self.name, "--broker", &self.broker_url])
             .arg("--state-dir")
             .arg(&self.dir)
             .args(self.defaults())
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -78,6 +100,13 @@ impl Agent {
         }
     }
 
+    /// The log of start `n`, beside the state directory (not in it: a test may
+    /// fill the state directory's filesystem).
+    fn log_path(&self, n: u32) -> PathBuf {
+        let base = self.dir.parent().unwrap_or(&self.dir);
+        base.join(format!("{}.agent-{n}.log", self.name))
+    }
+
     /// Test defaults (quick reconnects, debug log) for the flags `extra` leaves out.
     fn defaults(&self) -> Vec<&'static str> {
         let mut flags = Vec::new();
@@ -95,8 +124,7 @@ impl Agent {
 
     /// The last lines of this agent's current log.
     pub fn log(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.join(format!("agent-{}.log", self.n_starts)))
-            .unwrap_or_default();
+        let text = std::fs::read_to_string(self.log_path(self.n_starts)).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
@@ -116,6 +144,53 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.proc.as_ref().unwrap().0.id()
+    }
+
+    /// Sends `signal` to the agent and waits for it to exit; returns its status.
+    pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> std::process::ExitStatus {
+        let mut p = self.proc.take().expect("agent running");
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(p.0.id() as i32, signal) };
+        super::wait_exit(&mut p.0, "agent to exit after a signal", timeout)
+    }
+
+    /// Every log line of every start so far.
+    pub fn full_log(&self) -> String {
+        (1..=self.n_starts)
+            .map(|i| std::fs::read_to_string(self.log_path(i)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("")
+    }
+
+    /// Pids of processes started by this agent's commands that are still alive
+    /// (they carry `OUTPOST_AGENT=<state dir>`).
+    pub fn command_pids(&self) -> Vec<u32> {
+        let tag = format!(
+            "OUTPOST_AGENT={}",
+            self.dir.canonicalize().unwrap().display()
+        );
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, r)| r.trim_start().starts_with('Z'))
+                })
+                .unwrap_or(true);
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            if !zombie && env.split(|&b| b == 0).any(|v| v == tag.as_bytes()) {
+                out.push(pid);
+            }
+        }
+        out
     }
 
     pub fn call(&self, req: &Request) -> Value {
