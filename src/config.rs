@@ -15,6 +15,17 @@ use crate::store::Durability;
 pub const DEFAULT_CONFIG: &str = "/etc/outpost/outpost.toml";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/outpost";
 
+/// The state directory, by the one rule the agent and every command follow: the
+/// flag, else `OUTPOST_STATE_DIR`, else `state_dir` in the configuration file
+/// (the default one unless `config` names another), else [`DEFAULT_STATE_DIR`].
+pub fn state_dir(flag: Option<PathBuf>, config: Option<&Path>) -> PathBuf {
+    let file =
+        FileConfig::load(config.unwrap_or(Path::new(DEFAULT_CONFIG)), false).unwrap_or_default();
+    flag.or(FileConfig::env().state_dir)
+        .or(file.state_dir)
+        .unwrap_or_else(|| DEFAULT_STATE_DIR.into())
+}
+
 /// The configuration file as written; every key optional.
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -51,7 +62,26 @@ impl FileConfig {
             }
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
-        toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))
+        toml::from_str(&text).map_err(|e| {
+            // path:line:column, as compilers say it.
+            let at = e.span().map_or(String::new(), |span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!(":{line}:{col}")
+            });
+            format!("{}{at}: {}", path.display(), e.message())
+        })
+    }
+
+    /// The environment's layer: `OUTPOST_STATE_DIR` over the file, under flags.
+    pub fn env() -> FileConfig {
+        FileConfig {
+            state_dir: std::env::var_os("OUTPOST_STATE_DIR")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+            ..FileConfig::default()
+        }
     }
 
     /// Flags win over the file: fills `self` with every key `over` sets.
@@ -325,9 +355,33 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {s:?} too large"))
 }
 
+/// `812 B`, `4.2 KiB`, `256.0 MiB`: a size for people.
+pub fn format_size(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_print_for_people() {
+        assert_eq!(format_size(0), "0 B");
+        assert_eq!(format_size(1023), "1023 B");
+        assert_eq!(format_size(1024), "1.0 KiB");
+        assert_eq!(format_size(256 * 1024 * 1024), "256.0 MiB");
+        assert_eq!(format_size(3 << 30), "3.0 GiB");
+    }
 
     #[test]
     fn durations_and_sizes_parse_in_human_units() {

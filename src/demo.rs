@@ -12,10 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
-use crate::control::{Client, CommandSpec, Request};
-use crate::frame::Name;
+use crate::control::{Client, CommandSpec};
+use crate::frame::{Method, Name};
 use crate::trust;
 
 /// Children killed when the demo ends, however it ends.
@@ -147,14 +145,8 @@ fn run_in(dir: &Path, mosquitto: &Path) -> Result<(), String> {
             timeout_ms: None,
             rerun: false,
         };
-        let req = Request::Send {
-            to: "node-a,node-b".into(),
-            lane: None,
-            ttl_s: None,
-            command: spec,
-        };
-        let reply = call(&central, &req)?;
-        jobs.push(reply["job"].as_i64().ok_or("no job id")?);
+        let reply = client(&central)?.send("node-a,node-b", None, None, spec)?;
+        jobs.push(reply.job);
     }
     wait("node-a's results", Duration::from_secs(30), || {
         results_for(&central, &jobs, "node-a").is_ok_and(|r| r.len() == 5)
@@ -163,13 +155,8 @@ fn run_in(dir: &Path, mosquitto: &Path) -> Result<(), String> {
         println!("   node-a: {line}");
     }
     println!("   node-b: (nothing yet: its 5 commands wait in central's outbox)");
-    let status = call(&central, &Request::Status)?;
-    for o in status["outbox"].as_array().into_iter().flatten() {
-        println!(
-            "   central outbox to {}: {} frames",
-            o["peer"].as_str().unwrap_or_default(),
-            o["frames"]
-        );
+    for o in client(&central)?.status()?.outbox {
+        println!("   central outbox to {}: {} frames", o.peer, o.frames);
     }
 
     println!("4. node-b's link comes back");
@@ -195,7 +182,7 @@ fn introduce(dir: &Path) -> Result<(), String> {
     }
     let name = |s: &str| Name::new(s).expect("valid name");
     for (i, node) in ["node-a", "node-b"].into_iter().enumerate() {
-        let allow = vec!["exec".to_string()];
+        let allow = vec![Method::Exec];
         let central = trust::Peer {
             allow,
             ..trust::Peer::new(name("central"), public[0])
@@ -207,34 +194,26 @@ fn introduce(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn call(state: &Path, req: &Request) -> Result<Value, String> {
-    Client::connect(state)?.call(req, Duration::from_secs(30))
+fn client(state: &Path) -> Result<Client, String> {
+    Client::connect(state)
 }
 
 fn online(state: &Path) -> Result<Vec<String>, String> {
-    let s = call(state, &Request::Status)?;
-    Ok(s["peers"]
-        .as_array()
+    let s = client(state)?.status()?;
+    Ok(s.peers
         .into_iter()
-        .flatten()
-        .filter(|p| p["online"] == true)
-        .filter_map(|p| p["name"].as_str().map(String::from))
+        .filter(|p| p.online)
+        .map(|p| p.name)
         .collect())
 }
 
 fn results_for(state: &Path, jobs: &[i64], node: &str) -> Result<Vec<String>, String> {
+    let mut c = client(state)?;
     let mut out = Vec::new();
     for id in jobs {
-        let j = call(state, &Request::Job { id: *id })?;
-        for t in j["job"]["targets"].as_array().into_iter().flatten() {
-            if t["node"] == node && !t["result"].is_null() {
-                out.push(
-                    t["result"]["stdout"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .trim()
-                        .to_string(),
-                );
+        for t in c.job(*id)?.targets {
+            if let (true, Some(r)) = (t.node == node, &t.result) {
+                out.push(r.stdout.trim().to_string());
             }
         }
     }

@@ -85,6 +85,8 @@ pub struct Output {
     pub stderr: Vec<u8>,
     /// Either stream exceeded [`Spec::output_cap`].
     pub truncated: bool,
+    /// Bytes each stream wrote in all, kept or not: (stdout, stderr).
+    pub written: (u64, u64),
     /// Unix epoch milliseconds when the process was started.
     pub started_ms: u64,
     /// From start until the process was reaped and its output drained.
@@ -185,6 +187,7 @@ pub async fn run_cancellable(spec: Spec, canceller: &Canceller) -> Output {
         stdout: Vec::new(),
         stderr: Vec::new(),
         truncated: false,
+        written: (0, 0),
         started_ms,
         duration_ms: elapsed_ms(started),
     };
@@ -300,6 +303,7 @@ pub async fn run_cancellable(spec: Spec, canceller: &Canceller) -> Output {
     Output {
         outcome,
         truncated: out.truncated || err.truncated,
+        written: (out.written, err.written),
         stdout: out.into_vec(),
         stderr: err.into_vec(),
         started_ms,
@@ -486,6 +490,7 @@ struct Tail {
     buf: VecDeque<u8>,
     cap: usize,
     truncated: bool,
+    written: u64,
 }
 
 impl Tail {
@@ -495,10 +500,12 @@ impl Tail {
             buf: VecDeque::new(),
             cap,
             truncated: false,
+            written: 0,
         }
     }
 
     fn push(&mut self, data: &[u8]) {
+        self.written += data.len() as u64;
         let data = if data.len() > self.cap {
             self.truncated = true;
             self.buf.clear();

@@ -308,13 +308,75 @@ impl Command {
         matches!(self, Command::Exec(e) if e.rerun)
     }
 
-    /// The method name used in authorisation and on the command line.
-    pub fn method(&self) -> &'static str {
+    /// The method it is, for authorisation and reports.
+    pub fn method(&self) -> Method {
         match self {
-            Command::Exec(_) => "exec",
-            Command::Ping => "ping",
-            Command::HttpGet(_) => "http-get",
+            Command::Exec(_) => Method::Exec,
+            Command::Ping => Method::Ping,
+            Command::HttpGet(_) => Method::HttpGet,
         }
+    }
+}
+
+/// What a peer may ask of a node: every [`Command`] and the services that are not
+/// commands (`files`). The names are the trust file's `allow=` words, the CLI's
+/// subcommands and the `method` of a job. Adding one: ARCHITECTURE.md, "How to
+/// add a method".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Method {
+    Exec,
+    Ping,
+    HttpGet,
+    /// Pushing files to a node and fetching its shared files.
+    Files,
+}
+
+impl Method {
+    /// Every method, in the order help texts list them.
+    pub const ALL: [Method; 4] = [Method::Exec, Method::Ping, Method::HttpGet, Method::Files];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Exec => "exec",
+            Method::Ping => "ping",
+            Method::HttpGet => "http-get",
+            Method::Files => "files",
+        }
+    }
+
+    /// `exec, ping, ...`: for error messages and help.
+    pub fn list() -> String {
+        Method::ALL.map(Method::as_str).join(", ")
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Method {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Method, String> {
+        Method::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("unknown method {s:?} (known: {})", Method::list()))
+    }
+}
+
+impl Serialize for Method {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Method {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Method, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -34,7 +34,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use crate::delivery::{Action, Delivery, DeliveryConfig, Event};
-use crate::frame::{self, Body, CmdResult, Envelope, Lane, Name, Status};
+use crate::frame::{self, Body, CmdResult, Envelope, Lane, Method, Name, Status};
 use crate::session::{Change, Refusal, Session};
 use crate::store::{
     control_lane, Corrupt, Inbound, Loss, Mono, Outgoing, Queued, Receipt, Store, StoreConfig,
@@ -290,7 +290,7 @@ impl Node {
     /// Queues one command per target as one job; one transaction.
     pub fn submit_job(
         &mut self,
-        method: &str,
+        method: Method,
         summary: &str,
         items: Vec<Outgoing>,
         now_ms: u64,
@@ -977,7 +977,7 @@ impl Packer {
 
 fn method_of(cmd: &Inbound) -> &'static str {
     match &cmd.env.body {
-        Body::Command(c) => c.method(),
+        Body::Command(c) => c.method().as_str(),
         _ => "none",
     }
 }

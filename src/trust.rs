@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::frame::{Command, Name};
+use crate::frame::{Command, Method, Name};
 use crate::seal::{from_hex32, to_hex};
 
 pub fn key_path(state_dir: &Path) -> PathBuf {
@@ -63,7 +63,17 @@ pub fn generate(state_dir: &Path, force: bool) -> Result<PublicKey, String> {
         .map_err(|_| "the system random number generator failed".to_string())?;
     let secret = StaticSecret::from(bytes);
     let public = PublicKey::from(&secret);
-    let tmp = path.with_extension("key.tmp");
+    write_private(&path, format!("{}\n", to_hex(&bytes)).as_bytes())?;
+    Ok(public)
+}
+
+/// Replaces `path` with `bytes` atomically (a temporary file beside it, synced,
+/// renamed), readable and writable by the owner only: the one way the key and the
+/// trust file are written.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -71,11 +81,10 @@ pub fn generate(state_dir: &Path, force: bool) -> Result<PublicKey, String> {
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    writeln!(f, "{}", to_hex(&bytes))
+    f.write_all(bytes)
         .and_then(|_| f.sync_all())
         .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).map_err(|e| format!("cannot move key into place: {e}"))?;
-    Ok(public)
+    std::fs::rename(&tmp, path).map_err(|e| format!("cannot update {}: {e}", path.display()))
 }
 
 /// Loads the key pair; a key readable or writable by others is refused.
@@ -110,7 +119,7 @@ pub fn load(state_dir: &Path) -> Result<Keys, String> {
 pub struct Peer {
     pub name: Name,
     pub public: [u8; 32],
-    pub allow: Vec<String>,
+    pub allow: Vec<Method>,
     pub exec_paths: Vec<String>,
     /// For a path-limited exec: variables the command may set.
     pub exec_env: Vec<String>,
@@ -162,8 +171,6 @@ pub struct Trust {
     pub peers: BTreeMap<Name, Peer>,
 }
 
-pub const METHODS: &[&str] = &["exec", "ping", "http-get", "files"];
-
 impl Trust {
     pub fn parse(text: &str) -> Result<Trust, String> {
         let mut peers = BTreeMap::new();
@@ -195,13 +202,11 @@ impl Trust {
                     .collect();
                 match k {
                     "allow" => {
-                        if let Some(bad) = list.iter().find(|m| !METHODS.contains(&m.as_str())) {
-                            return Err(at(format!(
-                                "unknown method {bad:?} (known: {})",
-                                METHODS.join(", ")
-                            )));
-                        }
-                        peer.allow = list;
+                        peer.allow = list
+                            .iter()
+                            .map(|m| m.parse())
+                            .collect::<Result<_, String>>()
+                            .map_err(at)?;
                     }
                     "exec" => {
                         if let Some(bad) = list.iter().find(|p| !p.starts_with('/')) {
@@ -232,18 +237,23 @@ impl Trust {
     }
 
     pub fn render(&self) -> String {
-        let mut out = String::from(
+        let mut out = format!(
             "# outpost trust file: NAME PUBLIC-KEY allow=METHOD,... [exec=/path/prog,...] [env=NAME,...] [cwd=/dir,...] [stdin=yes]\n\
-             # methods: exec, ping, http-get, files; an empty allow= only exchanges results\n\
+             # methods: {}; an empty allow= only exchanges results\n\
              # exec= limits exec to those programs, run with a clean environment (PATH, HOME=/, LANG=C\n\
              # plus the variables env= names), in / or a cwd= directory, without stdin unless stdin=yes\n",
+            Method::list()
         );
         for p in self.peers.values() {
             out += &format!(
                 "{} {} allow={}",
                 p.name,
                 to_hex(&p.public),
-                p.allow.join(",")
+                p.allow
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
             );
             if !p.exec_paths.is_empty() {
                 out += &format!(" exec={}", p.exec_paths.join(","));
@@ -263,15 +273,16 @@ impl Trust {
     }
 
     /// Whether `peer` may use `method` here; `Err` carries the reason.
-    pub fn allows(&self, peer: &Name, method: &str) -> Result<(), String> {
+    pub fn allows(&self, peer: &Name, method: Method) -> Result<(), String> {
         let p = self
             .peers
             .get(peer)
             .ok_or_else(|| format!("{peer} is not trusted"))?;
-        if !p.allow.iter().any(|m| m == method) {
-            let allowed = none_if_empty(&p.allow);
+        if !p.allow.contains(&method) {
+            let allowed: Vec<String> = p.allow.iter().map(|m| m.to_string()).collect();
             return Err(format!(
-                "{peer} is not allowed to use {method} (allowed: {allowed})"
+                "{peer} is not allowed to use {method} (allowed: {})",
+                none_if_empty(&allowed)
             ));
         }
         Ok(())
@@ -280,17 +291,8 @@ impl Trust {
     /// Whether `peer` may ask this node to run `cmd`, and how an exec must run;
     /// `Err` carries the reason.
     pub fn authorise(&self, peer: &Name, cmd: &Command) -> Result<ExecPolicy, String> {
-        let p = self
-            .peers
-            .get(peer)
-            .ok_or_else(|| format!("{peer} is not trusted"))?;
-        let method = cmd.method();
-        if !p.allow.iter().any(|m| m == method) {
-            return Err(format!(
-                "{peer} is not allowed to use {method} (allowed: {})",
-                none_if_empty(&p.allow)
-            ));
-        }
+        self.allows(peer, cmd.method())?;
+        let p = &self.peers[peer];
         let Command::Exec(e) = cmd else {
             return Ok(ExecPolicy::Unrestricted);
         };
@@ -362,19 +364,7 @@ pub fn read(state_dir: &Path) -> Result<Trust, String> {
 pub fn upsert(state_dir: &Path, peer: Peer) -> Result<(), String> {
     let mut trust = read(state_dir)?;
     trust.peers.insert(peer.name.clone(), peer);
-    let path = trust_path(state_dir);
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    f.write_all(trust.render().as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).map_err(|e| format!("cannot update {}: {e}", path.display()))
+    write_private(&trust_path(state_dir), trust.render().as_bytes())
 }
 
 #[cfg(test)]

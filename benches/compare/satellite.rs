@@ -430,9 +430,15 @@ fn report(
     ));
 }
 
-/// The node agent's log (the rig names it `agent-1.log` for the first start).
+/// The node agent's log (the test support keeps `NAME.agent-1.log` for the first
+/// start beside the state directory).
 fn node_log(node_dir: &Path) -> String {
-    std::fs::read_to_string(node_dir.join("agent-1.log")).unwrap_or_default()
+    let name = node_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let path = node_dir.with_file_name(format!("{name}.agent-1.log"));
+    std::fs::read_to_string(path).unwrap_or_default()
 }
 
 /// How long each outage lasted as the agent saw it, from its `link up: URL after

@@ -22,7 +22,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::frame::{self, Body, CmdResult, Envelope, FrameError, Lane, Name, Status};
+use crate::frame::{self, Body, CmdResult, Envelope, FrameError, Lane, Method, Name, Status};
 
 /// When commits reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -846,7 +846,7 @@ impl Store {
     /// Enqueues one command per target and records them as one job, atomically.
     pub fn submit_job(
         &mut self,
-        method: &str,
+        method: Method,
         summary: &str,
         items: Vec<Outgoing>,
         now_ms: u64,
@@ -864,7 +864,7 @@ impl Store {
         }
         tx.execute(
             "INSERT INTO jobs (created_ms, method, summary) VALUES (?1, ?2, ?3)",
-            params![now_ms as i64, method, summary],
+            params![now_ms as i64, method.as_str(), summary],
         )?;
         let job = tx.last_insert_rowid();
         for q in &queued {
@@ -1036,7 +1036,7 @@ impl Store {
         Ok(Some(Job {
             id,
             created_ms: created_ms as u64,
-            method,
+            method: method.parse().map_err(StoreError::Invalid)?,
             summary,
             targets,
         }))
@@ -1345,7 +1345,7 @@ impl Store {
 pub struct Job {
     pub id: i64,
     pub created_ms: u64,
-    pub method: String,
+    pub method: Method,
     pub summary: String,
     pub targets: Vec<JobTarget>,
 }

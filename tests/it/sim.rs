@@ -229,7 +229,7 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
                 .as_mut()
                 .expect("nodes are always open between steps");
             let (job, _) = node
-                .submit_job("exec", &word, vec![item], now)
+                .submit_job(outpost::frame::Method::Exec, &word, vec![item], now)
                 .map_err(|e| e.to_string())?;
             trace!(
                 "t={now} {} sends {word} to {} on {lane} (job {job})",

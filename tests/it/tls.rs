@@ -208,15 +208,7 @@ impl TlsBroker {
 
 /// Everything `agent` logged, over all its starts.
 fn agent_log(agent: &Agent) -> String {
-    let mut out = String::new();
-    for n in 1.. {
-        let path = agent.dir.join(format!("agent-{n}.log"));
-        let Ok(text) = fs::read_to_string(&path) else {
-            break;
-        };
-        out += &format!("==> {} <==\n{text}\n", path.display());
-    }
-    out
+    agent.full_log()
 }
 
 fn link(agent: &Agent) -> Value {

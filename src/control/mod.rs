@@ -2,16 +2,23 @@
 //!
 //! A unix socket `control.sock` in the state directory, mode 0600. One JSON object
 //! per line each way; every request gets exactly one reply line with `"ok"`. The
-//! protocol is documented in the README ("Control socket protocol"). Malformed or oversized requests get
-//! an error reply and the server keeps serving.
+//! protocol is documented in the README ("Control socket protocol"). Malformed or
+//! oversized requests get an error reply and the server keeps serving.
+//!
+//! Requests ([`Request`]) and replies ([`reply`]) are types both ways; this module
+//! and the CLI are the only code that knows JSON. [`server`] reads requests and
+//! hands each to the agent as a [`server::Call`]; [`Client`] is the typed client.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+
+mod client;
+pub mod reply;
+pub mod server;
+
+pub use client::Client;
+pub use reply::Reply;
 
 /// Longest request line accepted.
 pub const MAX_REQUEST: usize = 1024 * 1024;
@@ -111,67 +118,6 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         ));
     }
     serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))
-}
-
-pub fn error_reply(msg: impl std::fmt::Display) -> Value {
-    json!({ "ok": false, "error": msg.to_string() })
-}
-
-/// A blocking client for one request/reply exchange.
-pub struct Client {
-    reader: BufReader<UnixStream>,
-    path: PathBuf,
-}
-
-impl Client {
-    pub fn connect(state_dir: &Path) -> Result<Client, String> {
-        let path = socket_path(state_dir);
-        let stream = UnixStream::connect(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::PermissionDenied => format!(
-                "permission denied on {} (or its directory): the agent's socket is for the user the agent runs as; run this as that user (or root)",
-                path.display()
-            ),
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => format!(
-                "no agent running for state directory {} (cannot connect to {}: {e}); start one with `outpost agent --state-dir {}`",
-                state_dir.display(),
-                path.display(),
-                state_dir.display()
-            ),
-            _ => format!("cannot connect to the agent at {}: {e}", path.display()),
-        })?;
-        Ok(Client {
-            reader: BufReader::new(stream),
-            path,
-        })
-    }
-
-    /// Sends a request and returns the reply; `{"ok": false}` replies become `Err`.
-    pub fn call(&mut self, req: &Request, timeout: Duration) -> Result<Value, String> {
-        let stream = self.reader.get_mut();
-        stream
-            .set_read_timeout(Some(timeout))
-            .map_err(|e| e.to_string())?;
-        let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
-        line.push(b'\n');
-        stream
-            .write_all(&line)
-            .map_err(|e| format!("{}: {e}", self.path.display()))?;
-        let mut reply = String::new();
-        let n = self
-            .reader
-            .read_line(&mut reply)
-            .map_err(|e| format!("{}: {e}", self.path.display()))?;
-        if n == 0 {
-            return Err("the agent closed the connection".into());
-        }
-        let v: Value =
-            serde_json::from_str(&reply).map_err(|e| format!("bad reply from agent: {e}"))?;
-        if v["ok"] == json!(true) {
-            Ok(v)
-        } else {
-            Err(v["error"].as_str().unwrap_or("unknown error").to_string())
-        }
-    }
 }
 
 #[cfg(test)]

@@ -6,11 +6,15 @@
 //! are read from the source file as acknowledgements drain it, so disk and memory
 //! stay flat whatever the file size.
 
-use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
 
 use super::Agent;
+use crate::control::reply::{
+    Direction, FilesGetReply, FilesListReply, FilesPutReply, FilesRmReply, HeldView, TransferReply,
+    TransferStarted, TransferView,
+};
 use crate::files;
-use crate::frame::{Body, FileOffer, FileState, Name};
+use crate::frame::{Body, FileOffer, FileState, Method, Name};
 use crate::store::{bulk_lane, control_lane, HeldFile, Inbound, Outgoing, StoreError, Transfer};
 use crate::{error, info, warn};
 
@@ -56,7 +60,7 @@ impl Agent {
                 let id = files::id_for(std::path::Path::new(path));
                 let offered = self
                     .trust
-                    .allows(&peer, "files")
+                    .allows(&peer, Method::Files)
                     .and_then(|_| files::resolve_shared(&self.cfg.share_dirs, path))
                     .and_then(|(root, rel)| self.offer_shared(&peer, &root, &rel, &id, now));
                 match offered {
@@ -101,7 +105,7 @@ impl Agent {
             .transfer("in", &peer, &offer.id)?
             .is_some_and(|t| t.state == "requested");
         if !requested {
-            if let Err(reason) = self.trust.allows(&peer, "files") {
+            if let Err(reason) = self.trust.allows(&peer, Method::Files) {
                 return refuse(self, reason);
             }
         }
@@ -386,97 +390,116 @@ impl Agent {
         Ok(())
     }
 
-    pub(super) fn files_request(
+    pub(super) fn files_put(
         &mut self,
-        req: crate::control::Request,
+        to: &str,
+        path: String,
+        id: Option<String>,
+        ttl_s: Option<u64>,
         now: u64,
-    ) -> Result<Value, String> {
-        use crate::control::Request;
-        match req {
-            Request::FilesPut {
-                to,
-                path,
-                id,
-                ttl_s,
-            } => {
-                let path = std::path::PathBuf::from(path);
-                let id = id.unwrap_or_else(|| files::id_for(&path));
-                let (targets, _) = self.resolve_targets(&to)?;
-                let mut out = Vec::new();
-                for peer in targets {
-                    let t = self.offer(&peer, &path, &id, ttl_s, now)?;
-                    out.push(json!({ "node": peer.as_str(), "transfer": t }));
-                }
-                Ok(json!({ "ok": true, "id": id, "transfers": out }))
-            }
-            Request::FilesGet { from, path } => {
-                let peer = Name::new(&from).map_err(|e| e.to_string())?;
-                let id = files::id_for(std::path::Path::new(&path));
-                let item = Outgoing {
-                    to: peer.clone(),
-                    lane: control_lane(),
-                    ttl_s: None,
-                    body: Body::FileRequest { path },
-                };
-                let store = self.node.store_mut();
-                let t = store
-                    .request_incoming(&peer, &id, now)
-                    .map_err(|e| e.to_string())?;
-                self.node
-                    .submit(vec![item], now)
-                    .map_err(|e| e.to_string())?;
-                Ok(json!({ "ok": true, "id": id, "transfer": t }))
-            }
-            Request::FilesList => {
-                let store = self.node.store();
-                let transfers = store.transfers(100).map_err(|e| e.to_string())?;
-                let held = store.held_files().map_err(|e| e.to_string())?;
-                Ok(json!({
-                    "ok": true,
-                    "transfers": transfers.iter().map(|t| self.transfer_json(t, now)).collect::<Vec<_>>(),
-                    "files": held.iter().map(|f| json!({
-                        "source": f.source.as_str(), "id": f.file_id, "path": f.path, "size": f.size,
-                        "sha256": crate::seal::to_hex(&f.sha256), "received_ms": f.received_ms, "expires_ms": f.expires_ms,
-                    })).collect::<Vec<_>>(),
-                }))
-            }
-            Request::Transfer { id } => {
-                let t = self
-                    .node
-                    .store()
-                    .transfer_by_id(id)
-                    .map_err(|e| e.to_string())?
-                    .ok_or(format!("no transfer {id}"))?;
-                Ok(json!({ "ok": true, "transfer": self.transfer_json(&t, now) }))
-            }
-            Request::FilesRm { id } => {
-                let (source, id) = match id.split_once('/') {
-                    Some((s, i)) => (Some(s.to_string()), i.to_string()),
-                    None => (None, id),
-                };
-                let mut removed = Vec::new();
-                for f in self.node.store().held_files().map_err(|e| e.to_string())? {
-                    if f.file_id == id && source.as_deref().is_none_or(|s| s == f.source.as_str()) {
-                        let _ = std::fs::remove_file(&f.path);
-                        self.node
-                            .store_mut()
-                            .forget_file(&f.source, &f.file_id)
-                            .map_err(|e| e.to_string())?;
-                        removed.push(format!("{}/{}", f.source, f.file_id));
-                    }
-                }
-                if removed.is_empty() {
-                    return Err(format!("no file {id} held"));
-                }
-                Ok(json!({ "ok": true, "removed": removed }))
-            }
-            _ => Err("not a files request".into()),
+    ) -> Result<FilesPutReply, String> {
+        let path = PathBuf::from(path);
+        let id = id.unwrap_or_else(|| files::id_for(&path));
+        let (targets, _) = self.resolve_targets(to)?;
+        let mut transfers = Vec::new();
+        for peer in targets {
+            let transfer = self.offer(&peer, &path, &id, ttl_s, now)?;
+            transfers.push(TransferStarted {
+                node: peer.to_string(),
+                transfer,
+            });
         }
+        Ok(FilesPutReply { id, transfers })
     }
 
-    fn transfer_json(&self, t: &Transfer, now: u64) -> Value {
+    pub(super) fn files_get(
+        &mut self,
+        from: &str,
+        path: String,
+        now: u64,
+    ) -> Result<FilesGetReply, String> {
+        let peer = self.resolve_one(from)?;
+        let id = files::id_for(Path::new(&path));
+        let item = Outgoing {
+            to: peer.clone(),
+            lane: control_lane(),
+            ttl_s: None,
+            body: Body::FileRequest { path },
+        };
+        let transfer = self
+            .node
+            .store_mut()
+            .request_incoming(&peer, &id, now)
+            .map_err(|e| e.to_string())?;
+        self.node
+            .submit(vec![item], now)
+            .map_err(|e| e.to_string())?;
+        Ok(FilesGetReply { id, transfer })
+    }
+
+    pub(super) fn files_list(&self, now: u64) -> Result<FilesListReply, String> {
+        let store = self.node.store();
+        let transfers = store.transfers(100).map_err(|e| e.to_string())?;
+        let held = store.held_files().map_err(|e| e.to_string())?;
+        Ok(FilesListReply {
+            transfers: transfers
+                .iter()
+                .map(|t| self.transfer_view(t, now))
+                .collect(),
+            files: held
+                .iter()
+                .map(|f| HeldView {
+                    source: f.source.to_string(),
+                    id: f.file_id.clone(),
+                    path: f.path.clone(),
+                    size: f.size,
+                    sha256: crate::seal::to_hex(&f.sha256),
+                    received_ms: f.received_ms,
+                    expires_ms: f.expires_ms,
+                })
+                .collect(),
+        })
+    }
+
+    pub(super) fn transfer(&self, id: i64, now: u64) -> Result<TransferReply, String> {
+        let t = self
+            .node
+            .store()
+            .transfer_by_id(id)
+            .map_err(|e| e.to_string())?
+            .ok_or(format!("no transfer {id}"))?;
+        Ok(TransferReply {
+            transfer: self.transfer_view(&t, now),
+        })
+    }
+
+    /// Deletes received files with this id (`SOURCE/ID` for one source).
+    pub(super) fn files_rm(&mut self, id: &str) -> Result<FilesRmReply, String> {
+        let (source, id) = match id.split_once('/') {
+            Some((s, i)) => (Some(s), i),
+            None => (None, id),
+        };
+        let mut removed = Vec::new();
+        for f in self.node.store().held_files().map_err(|e| e.to_string())? {
+            if f.file_id == id && source.is_none_or(|s| s == f.source.as_str()) {
+                let _ = std::fs::remove_file(&f.path);
+                self.node
+                    .store_mut()
+                    .forget_file(&f.source, &f.file_id)
+                    .map_err(|e| e.to_string())?;
+                removed.push(format!("{}/{}", f.source, f.file_id));
+            }
+        }
+        if removed.is_empty() {
+            return Err(format!("no file {id} held"));
+        }
+        Ok(FilesRmReply { removed })
+    }
+
+    fn transfer_view(&self, t: &Transfer, now: u64) -> TransferView {
+        let out = t.direction == "out";
         let chunk = u64::from(t.chunk_size);
-        let done_chunks = if t.direction == "out" {
+        let done_chunks = if out {
             // Enqueued minus still waiting in the outbox: what the receiver has.
             let depth = self
                 .node
@@ -487,18 +510,36 @@ impl Agent {
         } else {
             u64::from(t.next_chunk)
         };
-        let bytes = match t.state.as_str() {
-            "done" | "skipped" => t.size,
-            _ => (done_chunks * chunk).min(t.size),
+        let delivered = matches!(t.state.as_str(), "done" | "skipped");
+        let bytes = if delivered {
+            t.size
+        } else {
+            (done_chunks * chunk).min(t.size)
         };
-        let secs = (now.saturating_sub(t.started_ms) as f64 / 1000.0).max(0.001);
-        json!({
-            "transfer": t.id, "direction": t.direction, "peer": t.peer.as_str(), "id": t.file_id,
-            "size": t.size, "bytes": bytes,
-            "percent": (bytes * 100).checked_div(t.size).unwrap_or(100),
-            "rate_bps": (bytes as f64 / secs) as u64,
-            "state": t.state, "reason": t.reason, "finished": t.finished(),
-            "path": t.path, "expires_ms": t.expires_ms,
-        })
+        // A finished transfer's rate is over its life, not until now.
+        let end = if t.finished() { t.updated_ms } else { now };
+        let secs = (end.saturating_sub(t.started_ms) as f64 / 1000.0).max(0.001);
+        let percent = match (bytes * 100).checked_div(t.size) {
+            Some(p) => p,
+            // An empty file is all there once delivered; a refused request of
+            // unknown size is nowhere.
+            None if delivered => 100,
+            None => 0,
+        };
+        TransferView {
+            transfer: t.id,
+            direction: if out { Direction::Out } else { Direction::In },
+            peer: t.peer.to_string(),
+            id: t.file_id.clone(),
+            size: t.size,
+            bytes,
+            percent,
+            rate_bps: (bytes as f64 / secs) as u64,
+            state: t.state.clone(),
+            reason: t.reason.clone(),
+            finished: t.finished(),
+            path: t.path.clone(),
+            expires_ms: t.expires_ms,
+        }
     }
 }

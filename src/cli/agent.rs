@@ -1,0 +1,127 @@
+//! `outpost agent`: build the configuration (file, then the environment, then
+//! flags), start logging, run the agent.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use argh::FromArgs;
+
+use crate::config::{Config, FileConfig};
+
+/// run the agent: keep the broker link, store, execute and replay
+#[derive(FromArgs, Debug, Default)]
+#[argh(subcommand, name = "agent", help_triggers("-h", "--help"))]
+pub struct AgentArgs {
+    /// configuration file (default /etc/outpost/outpost.toml)
+    #[argh(option)]
+    pub config: Option<PathBuf>,
+    /// this node's name: a-z 0-9 . _ -
+    #[argh(option)]
+    pub name: Option<String>,
+    /// broker url, mqtt://host:port or mqtts://host:port
+    #[argh(option)]
+    pub broker: Option<String>,
+    /// state directory: store, keys, control socket (else OUTPOST_STATE_DIR, else
+    /// state_dir in the configuration file, else /var/lib/outpost)
+    #[argh(option)]
+    pub state_dir: Option<PathBuf>,
+    /// topic prefix (default outpost)
+    #[argh(option)]
+    pub prefix: Option<String>,
+    /// mqtt keepalive, e.g. 60s
+    #[argh(option)]
+    pub keepalive: Option<String>,
+    /// longest wait between reconnect attempts, e.g. 60s
+    #[argh(option)]
+    pub backoff_cap: Option<String>,
+    /// full (fsync every commit) or normal
+    #[argh(option)]
+    pub durability: Option<String>,
+    /// store quota, e.g. 256MiB
+    #[argh(option)]
+    pub quota: Option<String>,
+    /// error, warn, info or debug (also OUTPOST_LOG)
+    #[argh(option)]
+    pub log_level: Option<String>,
+    /// cap on captured stdout and stderr per command, e.g. 64KiB
+    #[argh(option)]
+    pub output_cap: Option<String>,
+    /// broker user name
+    #[argh(option)]
+    pub username: Option<String>,
+    /// broker password; visible to every user in `ps`: prefer --password-file or
+    /// the OUTPOST_PASSWORD environment variable
+    #[argh(option)]
+    pub password: Option<String>,
+    /// file whose first line is the broker password (not readable by others)
+    #[argh(option)]
+    pub password_file: Option<PathBuf>,
+    /// CA certificate file (PEM) for mqtts://
+    #[argh(option)]
+    pub ca_file: Option<PathBuf>,
+    /// client certificate (PEM) for mutual TLS
+    #[argh(option)]
+    pub client_cert: Option<PathBuf>,
+    /// client private key (PEM) for mutual TLS
+    #[argh(option)]
+    pub client_key: Option<PathBuf>,
+    /// where received files land (default STATE_DIR/files)
+    #[argh(option)]
+    pub files_dir: Option<PathBuf>,
+    /// a directory peers may fetch files from (repeatable)
+    #[argh(option)]
+    pub share_dir: Vec<PathBuf>,
+    /// file chunk size (default 16KiB; smaller suits slow links)
+    #[argh(option)]
+    pub chunk_size: Option<String>,
+}
+
+impl AgentArgs {
+    /// The flags as a config layer that overrides the file.
+    pub fn layer(&self) -> FileConfig {
+        FileConfig {
+            name: self.name.clone(),
+            broker: self.broker.clone(),
+            state_dir: self.state_dir.clone(),
+            prefix: self.prefix.clone(),
+            keepalive: self.keepalive.clone(),
+            backoff_cap: self.backoff_cap.clone(),
+            durability: self.durability.clone(),
+            quota: self.quota.clone(),
+            log_level: self.log_level.clone(),
+            output_cap: self.output_cap.clone(),
+            username: self.username.clone(),
+            password: self.password.clone(),
+            password_file: self.password_file.clone(),
+            ca_file: self.ca_file.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+            files_dir: self.files_dir.clone(),
+            share_dirs: (!self.share_dir.is_empty()).then(|| self.share_dir.clone()),
+            chunk_size: self.chunk_size.clone(),
+        }
+    }
+}
+
+pub fn run(args: AgentArgs) -> Result<ExitCode, String> {
+    let (path, explicit) = super::config_path(args.config.clone());
+    let mut file = FileConfig::load(&path, explicit)?
+        .overlay(FileConfig::env())
+        .overlay(args.layer());
+    if file.name.is_none() {
+        // The name `keys gen --name` recorded, when nothing else gives one.
+        let dir = file
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| crate::config::DEFAULT_STATE_DIR.into());
+        file.name = super::keys::node_name(&dir);
+    }
+    let cfg = Config::build(file)?;
+    let level = match std::env::var("OUTPOST_LOG") {
+        Ok(l) if args.log_level.is_none() => l.parse()?,
+        _ => cfg.log_level,
+    };
+    crate::log::set_level(level);
+    crate::agent::run(cfg)?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,289 @@
+//! `outpost send`: queue a command for nodes and, unless `--async`, print each
+//! target's result as it arrives. Also `jobs show --follow`'s printing.
+
+use std::io::{IsTerminal, Read};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use argh::FromArgs;
+use serde::Serialize;
+
+use super::{client_args, duration_flag, Common};
+use crate::config;
+use crate::control::reply::{JobView, ResultView};
+use crate::control::{Client, CommandSpec};
+
+/// Largest stdin `send` passes to a command (it travels in one frame).
+pub const MAX_STDIN: usize = 256 * 1024;
+
+client_args! {
+    /// send a command to nodes; waits for results unless --async
+    #[argh(subcommand, name = "send")]
+    pub struct SendArgs {
+        /// target nodes: comma-separated names and glob patterns (e.g. ship1,wind-*)
+        #[argh(option)]
+        pub to: String,
+        /// ordered (default, one after another) or parallel
+        #[argh(option, default = "String::from(\"ordered\")")]
+        pub lane: String,
+        /// do not start after this long, e.g. 1h
+        #[argh(option)]
+        pub ttl: Option<String>,
+        /// kill the command after this long (default 60s; 0: never)
+        #[argh(option)]
+        pub timeout: Option<String>,
+        /// print the job id and return at once
+        #[argh(switch, long = "async")]
+        pub no_wait: bool,
+        #[argh(subcommand)]
+        pub method: MethodArgs,
+    }
+}
+
+/// The method to run, one subcommand each.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum MethodArgs {
+    Exec(ExecArgs),
+    Ping(PingArgs),
+    HttpGet(HttpGetArgs),
+}
+
+/// run a program: outpost send --to N exec -- PROGRAM ARGS... (stdin that is not a
+/// terminal is the command's stdin, up to 256 KiB; -n sends none)
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "exec", help_triggers("-h", "--help"))]
+pub struct ExecArgs {
+    /// environment variable for the command, NAME=VALUE (repeatable)
+    #[argh(option)]
+    pub env: Vec<String>,
+    /// working directory on the node
+    #[argh(option)]
+    pub cwd: Option<String>,
+    /// run again if the agent was restarted while it ran (default: report interrupted)
+    #[argh(switch)]
+    pub rerun: bool,
+    /// do not read stdin (as `ssh -n`; for scripts that loop over a file)
+    #[argh(switch, short = 'n')]
+    pub no_stdin: bool,
+    /// program and arguments
+    #[argh(positional, greedy)]
+    pub argv: Vec<String>,
+}
+
+/// measure the round trip to the nodes
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "ping", help_triggers("-h", "--help"))]
+pub struct PingArgs {}
+
+/// fetch a URL from the node's own network
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "http-get", help_triggers("-h", "--help"))]
+pub struct HttpGetArgs {
+    /// largest body to return, e.g. 64KiB
+    #[argh(option)]
+    pub max_body: Option<String>,
+    /// the URL
+    #[argh(positional)]
+    pub url: String,
+}
+
+pub fn run(args: SendArgs) -> Result<ExitCode, String> {
+    let common = args.common(Common::default());
+    let timeout_ms = duration_flag("--timeout", args.timeout.as_deref())?
+        .map(|d| d.as_millis().min(u128::from(u32::MAX)) as u32);
+    let ttl_s = duration_flag("--ttl", args.ttl.as_deref())?
+        .map(|d| d.as_secs().clamp(1, u64::from(u32::MAX)) as u32);
+    let command = command_spec(args.method, timeout_ms)?;
+    let mut client = common.client()?;
+    let reply = client.send(&args.to, Some(&args.lane), ttl_s, command)?;
+    for note in &reply.notes {
+        eprintln!("outpost: {note}");
+    }
+    if args.no_wait {
+        if common.json {
+            #[derive(Serialize)]
+            struct Async<'a> {
+                job: i64,
+                targets: &'a [crate::control::reply::Queued],
+            }
+            print_json(&Async {
+                job: reply.job,
+                targets: &reply.targets,
+            })?;
+        } else {
+            println!("{}", reply.job);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    // First, so that a job is never lost to the operator if this stops waiting.
+    eprintln!("outpost: job {}", reply.job);
+    follow(&mut client, reply.job, common.json)
+}
+
+/// The command the flags describe. Exec reads stdin when it is not a terminal.
+fn command_spec(method: MethodArgs, timeout_ms: Option<u32>) -> Result<CommandSpec, String> {
+    Ok(match method {
+        MethodArgs::Exec(e) => {
+            let mut env = Vec::new();
+            for kv in e.env {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| format!("--env {kv:?}: expected NAME=VALUE"))?;
+                env.push((k.to_string(), v.to_string()));
+            }
+            let stdin = if e.no_stdin || std::io::stdin().is_terminal() {
+                String::new()
+            } else {
+                read_stdin()?
+            };
+            CommandSpec::Exec {
+                argv: e.argv,
+                env,
+                cwd: e.cwd,
+                stdin,
+                timeout_ms,
+                rerun: e.rerun,
+            }
+        }
+        MethodArgs::Ping(_) => CommandSpec::Ping,
+        MethodArgs::HttpGet(h) => {
+            let max_body = h
+                .max_body
+                .as_deref()
+                .map(|s| config::parse_size(s).map(|n| n.min(u64::from(u32::MAX)) as u32))
+                .transpose()
+                .map_err(|e| format!("--max-body: {e}"))?;
+            CommandSpec::HttpGet {
+                url: h.url,
+                timeout_ms,
+                max_body,
+            }
+        }
+    })
+}
+
+fn read_stdin() -> Result<String, String> {
+    let mut buf = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(MAX_STDIN as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("reading stdin: {e}"))?;
+    if buf.len() > MAX_STDIN {
+        return Err(format!(
+            "stdin is larger than {} KiB; send a file with `outpost files put` and read it there (or pass -n to send no stdin)",
+            MAX_STDIN / 1024
+        ));
+    }
+    String::from_utf8(buf).map_err(|_| {
+        "stdin is not UTF-8 text; send binary data with `outpost files put`".to_string()
+    })
+}
+
+/// Prints each target's result as it arrives; exit 0 when every one is ok.
+pub fn follow(client: &mut Client, job: i64, json: bool) -> Result<ExitCode, String> {
+    let mut printed: Vec<String> = Vec::new();
+    let mut all_ok = true;
+    loop {
+        let Some(j) = client.wait(job, printed.len(), Duration::from_secs(300))? else {
+            continue;
+        };
+        for t in &j.targets {
+            let Some(r) = &t.result else { continue };
+            if printed.contains(&t.node) {
+                continue;
+            }
+            printed.push(t.node.clone());
+            all_ok &= r.status == "ok";
+            if json {
+                print_json(&TargetResult::new(&j, &t.node, r))?;
+            } else {
+                print_result(&t.node, r);
+            }
+        }
+        if printed.len() >= j.targets.len() {
+            return Ok(if all_ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+    }
+}
+
+/// What `send --json` prints: one object per target result.
+#[derive(Debug, Serialize)]
+pub struct TargetResult<'a> {
+    pub node: &'a str,
+    pub job: i64,
+    pub status: &'a str,
+    pub exit_code: Option<i32>,
+    pub stdout: &'a str,
+    pub stderr: &'a str,
+    pub truncated: bool,
+    pub duration_ms: u64,
+    pub reason: &'a str,
+    pub rtt_ms: Option<u64>,
+    pub http_status: Option<u16>,
+    pub http_headers: Option<&'a [(String, String)]>,
+}
+
+impl<'a> TargetResult<'a> {
+    pub fn new(job: &JobView, node: &'a str, r: &'a ResultView) -> TargetResult<'a> {
+        TargetResult {
+            node,
+            job: job.id,
+            status: &r.status,
+            exit_code: r.exit_code,
+            stdout: &r.stdout,
+            stderr: &r.stderr,
+            truncated: r.truncated,
+            duration_ms: r.duration_ms,
+            reason: &r.reason,
+            rtt_ms: r.rtt_ms,
+            http_status: r.http_status,
+            http_headers: r.http_headers.as_deref(),
+        }
+    }
+}
+
+/// One target's result for people: output lines prefixed by the node, then what
+/// went wrong, if anything.
+pub fn print_result(node: &str, r: &ResultView) {
+    for line in r.stdout.lines() {
+        println!("{node}: {line}");
+    }
+    for line in r.stderr.lines() {
+        eprintln!("{node}: {line}");
+    }
+    if r.truncated {
+        let what = r
+            .reason
+            .find("kept the last")
+            .map_or("the output cap cut it", |i| &r.reason[i..]);
+        eprintln!("{node}: [truncated: {what}]");
+    }
+    if r.status == "ok" {
+        if let Some(rtt) = r.rtt_ms {
+            println!("{node}: round trip {rtt} ms");
+        }
+    } else {
+        eprintln!("{node}: [{}] {}", r.status, r.reason);
+    }
+}
+
+/// One JSON document on a line of its own.
+pub fn print_json<T: Serialize>(v: &T) -> Result<(), String> {
+    println!("{}", serde_json::to_string(v).map_err(|e| e.to_string())?);
+    Ok(())
+}
+
+/// One JSON document, indented, for people reading `--json` output.
+pub fn print_json_pretty<T: Serialize>(v: &T) -> Result<(), String> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
