@@ -3,6 +3,7 @@
 //! through the helpers in `support` everywhere else.
 
 mod agent;
+mod cli;
 mod faults;
 mod files;
 mod security;
