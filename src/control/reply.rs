@@ -354,3 +354,251 @@ pub struct HeldView {
 pub struct FilesRmReply {
     pub removed: Vec<String>,
 }
+
+/// Each reply's JSON, pinned: these are the README's "Control socket protocol"
+/// examples, byte for byte (field order included), so the two cannot drift.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(r: Reply) -> String {
+        String::from_utf8(r.to_line()).unwrap()
+    }
+
+    fn exec_job() -> JobView {
+        JobView {
+            id: 7,
+            created_ms: 1763800000000,
+            method: Method::Exec,
+            summary: "uptime".into(),
+            targets: vec![TargetView {
+                node: "ship1".into(),
+                lane: "ordered".into(),
+                seq: 12,
+                state: "ok".into(),
+                result: Some(ResultView {
+                    status: "ok".into(),
+                    exit_code: Some(0),
+                    stdout: "...".into(),
+                    stderr: String::new(),
+                    truncated: false,
+                    started_ms: 1763800000200,
+                    duration_ms: 3,
+                    reason: String::new(),
+                    rtt_ms: None,
+                    http_status: None,
+                    http_headers: None,
+                }),
+                result_id: Some(31),
+            }],
+        }
+    }
+
+    const JOB: &str = r#"{"id":7,"created_ms":1763800000000,"method":"exec","summary":"uptime","targets":[{"node":"ship1","lane":"ordered","seq":12,"state":"ok","result":{"status":"ok","exit_code":0,"stdout":"...","stderr":"","truncated":false,"started_ms":1763800000200,"duration_ms":3,"reason":""},"result_id":31}]}"#;
+
+    #[test]
+    fn send_reply_is_the_documented_json() {
+        let r = Reply::Send(SendReply {
+            job: 7,
+            targets: vec![Queued {
+                node: "ship1".into(),
+                lane: "ordered".into(),
+                seq: 12,
+            }],
+            notes: vec![],
+        });
+        assert_eq!(
+            line(r),
+            "{\"ok\":true,\"job\":7,\"targets\":[{\"node\":\"ship1\",\"lane\":\"ordered\",\"seq\":12}],\"notes\":[]}\n"
+        );
+    }
+
+    #[test]
+    fn job_jobs_and_wait_replies_are_the_documented_json() {
+        assert_eq!(
+            line(Reply::Job(JobReply { job: exec_job() })),
+            format!("{{\"ok\":true,\"job\":{JOB}}}\n")
+        );
+        assert_eq!(
+            line(Reply::Jobs(JobsReply {
+                jobs: vec![exec_job()]
+            })),
+            format!("{{\"ok\":true,\"jobs\":[{JOB}]}}\n")
+        );
+        assert_eq!(
+            line(Reply::Wait(WaitReply {
+                job: Some(exec_job()),
+                timeout: false
+            })),
+            format!("{{\"ok\":true,\"job\":{JOB}}}\n")
+        );
+        assert_eq!(
+            line(Reply::Wait(WaitReply {
+                job: None,
+                timeout: true
+            })),
+            "{\"ok\":true,\"timeout\":true}\n"
+        );
+        // A target without a result has neither `result` nor `result_id`.
+        let mut queued = exec_job();
+        queued.targets[0].result = None;
+        queued.targets[0].result_id = None;
+        queued.targets[0].state = "queued".into();
+        let v: serde_json::Value =
+            serde_json::from_slice(&Reply::Job(JobReply { job: queued }).to_line()).unwrap();
+        assert_eq!(
+            v["job"]["targets"][0].as_object().unwrap().len(),
+            4,
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn ping_and_http_results_carry_their_own_fields() {
+        let mut job = exec_job();
+        let r = job.targets[0].result.as_mut().unwrap();
+        r.rtt_ms = Some(48);
+        r.http_status = Some(200);
+        r.http_headers = Some(vec![("content-type".into(), "text/plain".into())]);
+        let v: serde_json::Value =
+            serde_json::from_slice(&Reply::Job(JobReply { job }).to_line()).unwrap();
+        let r = &v["job"]["targets"][0]["result"];
+        assert_eq!(r["rtt_ms"], 48);
+        assert_eq!(r["http_status"], 200);
+        assert_eq!(r["http_headers"], serde_json::json!([["content-type", "text/plain"]]));
+    }
+
+    #[test]
+    fn errors_and_files_replies_are_the_documented_json() {
+        assert_eq!(
+            line(Reply::error("no job 9")),
+            "{\"ok\":false,\"error\":\"no job 9\"}\n"
+        );
+        assert_eq!(
+            line(Reply::FilesPut(FilesPutReply {
+                id: "fw.bin".into(),
+                transfers: vec![TransferStarted {
+                    node: "ship1".into(),
+                    transfer: 3
+                }],
+            })),
+            "{\"ok\":true,\"id\":\"fw.bin\",\"transfers\":[{\"node\":\"ship1\",\"transfer\":3}]}\n"
+        );
+        assert_eq!(
+            line(Reply::FilesGet(FilesGetReply {
+                id: "log.txt".into(),
+                transfer: 4
+            })),
+            "{\"ok\":true,\"id\":\"log.txt\",\"transfer\":4}\n"
+        );
+        assert_eq!(
+            line(Reply::FilesRm(FilesRmReply {
+                removed: vec!["ship1/log.txt".into()]
+            })),
+            "{\"ok\":true,\"removed\":[\"ship1/log.txt\"]}\n"
+        );
+        let t = TransferView {
+            transfer: 3,
+            direction: Direction::Out,
+            peer: "ship1".into(),
+            id: "fw.bin".into(),
+            size: 1000,
+            bytes: 500,
+            percent: 50,
+            rate_bps: 250,
+            state: "sending".into(),
+            reason: String::new(),
+            finished: false,
+            path: "/srv/fw.bin".into(),
+            expires_ms: None,
+        };
+        assert_eq!(
+            line(Reply::Transfer(TransferReply { transfer: t.clone() })),
+            "{\"ok\":true,\"transfer\":{\"transfer\":3,\"direction\":\"out\",\"peer\":\"ship1\",\"id\":\"fw.bin\",\"size\":1000,\"bytes\":500,\"percent\":50,\"rate_bps\":250,\"state\":\"sending\",\"reason\":\"\",\"finished\":false,\"path\":\"/srv/fw.bin\",\"expires_ms\":null}}\n"
+        );
+        let held = HeldView {
+            source: "ship1".into(),
+            id: "log.txt".into(),
+            path: "/var/lib/outpost/files/ship1/log.txt".into(),
+            size: 12,
+            sha256: "ab".repeat(32),
+            received_ms: 1763800000000,
+            expires_ms: None,
+        };
+        let v: serde_json::Value = serde_json::from_slice(
+            &Reply::FilesList(FilesListReply {
+                transfers: vec![t],
+                files: vec![held],
+            })
+            .to_line(),
+        )
+        .unwrap();
+        let keys: Vec<&str> = v["files"][0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            ["expires_ms", "id", "path", "received_ms", "sha256", "size", "source"]
+        );
+    }
+
+    #[test]
+    fn status_reply_has_the_documented_keys() {
+        let s = StatusReply {
+            node: "central".into(),
+            version: "0.1.0".into(),
+            broker: "mqtt://127.0.0.1:1883".into(),
+            link: LinkStatus {
+                connected: true,
+                since_ms: 1,
+                for_s: 2,
+                last_error: None,
+                presence: "on".into(),
+                poisoned: None,
+            },
+            store: StoreStatus {
+                used: 10,
+                quota: 20,
+                quarantined: 0,
+                events: 0,
+                epoch: "00000000000000ab".into(),
+                lost: None,
+                failing: None,
+            },
+            outbox: vec![],
+            inbox: vec![],
+            running: vec![RunningStatus {
+                peer: "central".into(),
+                lane: "ordered".into(),
+                seq: 4,
+                method: Method::HttpGet,
+                for_s: 3,
+            }],
+            peers: vec![],
+            security: SecurityStatus {
+                public_key: "00".repeat(32),
+                trusted: vec![TrustedStatus {
+                    name: "ship1".into(),
+                    allow: vec![Method::Exec, Method::Files],
+                }],
+                rejected: BTreeMap::from([("replay".to_string(), 2)]),
+                last_rejected: BTreeMap::new(),
+            },
+        };
+        let line = String::from_utf8(Reply::Status(Box::new(s)).to_line()).unwrap();
+        assert!(line.starts_with("{\"ok\":true,\"node\":\"central\",\"version\":\"0.1.0\",\"broker\":\"mqtt://127.0.0.1:1883\",\"link\":{\"connected\":true,\"since_ms\":1,\"for_s\":2,\"last_error\":null,\"presence\":\"on\",\"poisoned\":null},\"store\":{\"used\":10,\"quota\":20,\"quarantined\":0,\"events\":0,\"epoch\":\"00000000000000ab\",\"lost\":null,\"failing\":null},\"outbox\":[],\"inbox\":[],\"running\":[{\"peer\":\"central\",\"lane\":\"ordered\",\"seq\":4,\"method\":\"http-get\",\"for_s\":3}],\"peers\":[],\"security\":{"), "{line}");
+        assert!(line.contains("\"trusted\":[{\"name\":\"ship1\",\"allow\":[\"exec\",\"files\"]}],\"rejected\":{\"replay\":2},\"last_rejected\":{}}}"), "{line}");
+    }
+
+    #[test]
+    fn replies_read_back_as_the_types_they_were_written_from() {
+        let job = exec_job();
+        let v: serde_json::Value =
+            serde_json::from_slice(&Reply::Job(JobReply { job: job.clone() }).to_line()).unwrap();
+        let back: JobReply = serde_json::from_value(v).unwrap();
+        assert_eq!(back.job, job);
+    }
+}
