@@ -15,8 +15,8 @@ use super::{now_ms, Agent, Msg, Running};
 use crate::control::reply::ResultView;
 use crate::control::CommandSpec;
 use crate::exec;
-use crate::frame::{self, Body, CmdResult, Command, Exec, HttpGet, Lane, Method, Name, Status};
-use crate::store::{Inbound, Job, Outgoing, StoreError};
+use crate::frame::{self, CmdResult, Command, Exec, HttpGet, Lane, Method, Name, Status};
+use crate::store::{Inbound, Job, StoreError};
 use crate::trust::{self, ExecPolicy};
 use crate::{debug, warn};
 
@@ -214,13 +214,7 @@ impl Agent {
             .map(|(k, _)| k.clone())
             .collect();
         for (peer, lane, seq) in due {
-            let item = Outgoing {
-                to: peer.clone(),
-                lane: lane.clone(),
-                ttl_s: None,
-                body: Body::Started { seq },
-            };
-            if let Err(e) = self.node.submit(vec![item], now) {
+            if let Err(e) = self.node.announce_started(&peer, &lane, seq, now) {
                 debug!("cannot announce {lane}#{seq} running to {peer}: {e}");
             }
             if let Some(r) = self.running.get_mut(&(peer, lane, seq)) {

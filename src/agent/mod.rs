@@ -23,7 +23,7 @@ use crate::control::{self, server::Call, Reply};
 use crate::exec;
 use crate::frame::{self, Body, CmdResult, Lane, Method, Name, Status};
 use crate::link::{Link, LinkConfig, LinkError, LinkEvent, Retained, TlsFiles};
-use crate::node::{Node, NodeConfig};
+use crate::node::{FilesConfig, Node, NodeConfig, Notice};
 use crate::store::{Inbound, StoreConfig, StoreError};
 use crate::trust::Trust;
 
@@ -101,6 +101,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
             durability: cfg.durability,
             quota_bytes: cfg.quota,
         },
+        files: FilesConfig {
+            dir: cfg.files_dir.clone(),
+            share_dirs: cfg.share_dirs.clone(),
+            chunk_size: cfg.chunk_size,
+        },
         ..NodeConfig::default()
     };
     // For tests that must show something does not wait for the resend timer: a
@@ -169,7 +174,6 @@ pub fn run(cfg: Config) -> Result<(), String> {
         trust: Trust::default(),
         trust_stamp: None,
         rejected: BTreeMap::new(),
-        files_active: false,
         cfg,
         node,
         link,
@@ -182,7 +186,6 @@ pub fn run(cfg: Config) -> Result<(), String> {
         retry_at: None,
         running: BTreeMap::new(),
         boot: boot_id(),
-        sources: BTreeMap::new(),
         poisoned: None,
         presence_fixed_ms: None,
         unrecorded: Vec::new(),
@@ -213,8 +216,6 @@ struct Agent {
     /// Payloads dropped, by kind (a bounded set): counted for `status`, logged
     /// rate-limited.
     rejected: BTreeMap<&'static str, session::Rejections>,
-    /// Transfers in progress or files with an expiry: wake up to sweep them.
-    files_active: bool,
     cfg: Config,
     node: Node,
     link: Link,
@@ -230,8 +231,6 @@ struct Agent {
     retry_at: Option<Instant>,
     /// Which boot the monotonic clock counts from.
     boot: u64,
-    /// Open source files of transfers from share_dirs, by transfer id.
-    sources: BTreeMap<i64, std::fs::File>,
     /// An oversized message cut the link: (when, its size). Presence is off since.
     poisoned: Option<(u64, usize)>,
     /// When this node last put its own presence back to online.
@@ -278,7 +277,7 @@ impl Agent {
             let d = Duration::from_millis(t.saturating_sub(now));
             wake = Some(wake.map_or(d, |w| w.min(d)));
         }
-        if self.files_active {
+        if self.node.files_active() {
             // Transfers and expiring files are swept by the clock, not by events.
             let d = Duration::from_secs(2);
             wake = Some(wake.map_or(d, |w| w.min(d)));
@@ -483,8 +482,7 @@ impl Agent {
             b"offline" => false,
             _ => return,
         };
-        self.node.on_presence(peer.clone(), online, now);
-        if let Err(e) = self.node.store_mut().set_presence(&peer, online, now) {
+        if let Err(e) = self.node.on_presence(peer.clone(), online, now) {
             error!("cannot record presence of {peer}: {e}");
         }
     }
@@ -518,9 +516,10 @@ impl Agent {
             self.note_store(taken.err().map(|e| e.to_string()), now);
         }
         self.announce_running(now);
-        if let Err(e) = self.pump_files(now) {
+        if let Err(e) = self.node.pump_files(now) {
             error!("cannot queue file chunks: {e}");
         }
+        self.log_notices();
         match self.node.poll_out(now) {
             Ok((payloads, corrupt)) => {
                 for c in corrupt {
@@ -549,35 +548,21 @@ impl Agent {
         self.answer_waiters();
     }
 
-    /// Takes everything runnable, in one store batch (`Store::begin_batch`)
+    /// Takes everything runnable, in one store batch (`Node::begin_batch`)
     /// committed every [`BATCH_MAX`] frames and before anything acts outside the
     /// store: a burst of pings or of received results costs a few commits, not one
     /// per frame.
     fn run_ready(&mut self, now: u64) -> Result<(), StoreError> {
-        self.node.store_mut().begin_batch()?;
+        self.node.begin_batch()?;
         let taken = self.run_ready_batched(now);
-        let committed = self.end_batch();
+        let committed = self.node.end_batch();
         taken.and(committed)
     }
 
-    /// Commits the open batch. If that fails (a full disk), the store rolled it
-    /// back and delivery learns the streams again from the store. Sequence numbers
-    /// handed out in the lost batch are handed out again to the next frames, which
-    /// then go after a resend timeout rather than at once: late, never lost.
-    fn end_batch(&mut self) -> Result<(), StoreError> {
-        let r = self.node.store_mut().end_batch();
-        if r.is_err() {
-            if let Err(e) = self.node.sync_streams() {
-                error!("cannot reload delivery state: {e}");
-            }
-        }
-        r
-    }
-
-    /// Commits the batch so far and opens the next one.
+    /// Commits the batch so far and opens the next one (before a command runs:
+    /// it is journalled `running` first).
     fn flush_batch(&mut self) -> Result<(), StoreError> {
-        self.end_batch()?;
-        self.node.store_mut().begin_batch()
+        self.node.flush_batch()
     }
 
     fn run_ready_batched(&mut self, now: u64) -> Result<(), StoreError> {
@@ -587,12 +572,16 @@ impl Agent {
                 self.flush_batch()?;
                 in_batch = 0;
             }
-            let (ready, corrupt) = self.node.runnable(now)?;
-            for c in corrupt {
+            let ready = self.node.take_ready(now);
+            self.log_notices();
+            let ready = ready?;
+            for c in &ready.corrupt {
                 error!("{c}");
             }
-            let mut consumed = false;
-            for inbound in ready {
+            self.changed_jobs.ids.extend(ready.jobs_changed);
+            in_batch += ready.taken;
+            let mut started = 0;
+            for inbound in ready.commands {
                 let key = (
                     inbound.env.from.clone(),
                     inbound.env.lane.clone(),
@@ -601,62 +590,26 @@ impl Agent {
                 if self.running.contains_key(&key) {
                     continue;
                 }
-                in_batch += 1;
-                match &inbound.env.body {
-                    Body::Command(cmd) => {
-                        let cmd = cmd.clone();
-                        self.start(inbound, cmd, now)?;
-                        consumed = true;
-                    }
-                    Body::Result(_) | Body::Discarded { .. } => {
-                        if self.node.record_result(&inbound, now)?.is_none() {
-                            warn!(
-                                "second result from {} for {}#{} ignored",
-                                key.0, key.1, key.2
-                            );
-                        }
-                        let cmd = match &inbound.env.body {
-                            Body::Result(r) => r.seq,
-                            Body::Discarded { seq, .. } => *seq,
-                            _ => unreachable!("matched above"),
-                        };
-                        if let Some(job) = self.node.store().job_of(&key.0, &key.1, cmd)? {
-                            self.changed_jobs.ids.insert(job);
-                        }
-                        consumed = true;
-                    }
-                    Body::Lost { reason } => {
-                        let text = format!(
-                            "frame {}#{} from {} was lost: {reason}",
-                            key.1, key.2, key.0
-                        );
-                        error!("{text}");
-                        self.node.record_event(&inbound, &text, now)?;
-                        consumed = true;
-                    }
-                    Body::FileOffer(_)
-                    | Body::FileChunk { .. }
-                    | Body::FileStatus { .. }
-                    | Body::FileRequest { .. } => {
-                        self.on_file_frame(&inbound, now)?;
-                        // A finished file is already moved into place: commit now.
-                        self.flush_batch()?;
-                        consumed = true;
-                    }
-                    Body::Started { seq } => {
-                        self.node.store_mut().record_started(&inbound, *seq)?;
-                        consumed = true;
-                    }
-                    Body::Withdrawn { .. } => {
-                        self.node.store_mut().consume(&inbound)?;
-                        consumed = true;
-                    }
-                    // Unsequenced: never stored in the inbox.
-                    Body::Ack { .. } | Body::Hello { .. } | Body::Sync(_) | Body::Nack { .. } => {}
+                if let Body::Command(cmd) = &inbound.env.body {
+                    let cmd = cmd.clone();
+                    self.start(inbound, cmd, now)?;
+                    started += 1;
                 }
             }
-            if !consumed {
+            in_batch += started;
+            if ready.taken + started == 0 {
                 return Ok(());
+            }
+        }
+    }
+
+    /// Logs what the core said happened.
+    fn log_notices(&mut self) {
+        for (level, text) in self.node.notices() {
+            match level {
+                Notice::Error => error!("{text}"),
+                Notice::Warn => warn!("{text}"),
+                Notice::Info => info!("{text}"),
             }
         }
     }

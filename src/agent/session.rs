@@ -4,7 +4,7 @@
 //! counted by kind (a bounded set) and logged at most once a minute per kind.
 
 use super::{now_ms, Agent};
-use crate::frame::Name;
+use crate::frame::{Method, Name};
 use crate::node::Report;
 use crate::trust;
 use crate::{debug, error, info, warn};
@@ -34,6 +34,14 @@ impl Agent {
                     .map(|p| (p.name.clone(), p.public))
                     .collect();
                 self.node.set_trust(keys, now_ms());
+                let files = self
+                    .trust
+                    .peers
+                    .values()
+                    .filter(|p| p.allow.contains(&Method::Files))
+                    .map(|p| p.name.clone())
+                    .collect();
+                self.node.set_files_peers(files);
                 self.subscribe_presence();
             }
             Err(e) if first && self.trust.peers.is_empty() => error!(

@@ -446,11 +446,7 @@ mod tests {
         queued.targets[0].state = "queued".into();
         let v: serde_json::Value =
             serde_json::from_slice(&Reply::Job(JobReply { job: queued }).to_line()).unwrap();
-        assert_eq!(
-            v["job"]["targets"][0].as_object().unwrap().len(),
-            4,
-            "{v}"
-        );
+        assert_eq!(v["job"]["targets"][0].as_object().unwrap().len(), 4, "{v}");
     }
 
     #[test]
@@ -465,7 +461,10 @@ mod tests {
         let r = &v["job"]["targets"][0]["result"];
         assert_eq!(r["rtt_ms"], 48);
         assert_eq!(r["http_status"], 200);
-        assert_eq!(r["http_headers"], serde_json::json!([["content-type", "text/plain"]]));
+        assert_eq!(
+            r["http_headers"],
+            serde_json::json!([["content-type", "text/plain"]])
+        );
     }
 
     #[test]
@@ -541,7 +540,15 @@ mod tests {
             .collect();
         assert_eq!(
             keys,
-            ["expires_ms", "id", "path", "received_ms", "sha256", "size", "source"]
+            [
+                "expires_ms",
+                "id",
+                "path",
+                "received_ms",
+                "sha256",
+                "size",
+                "source"
+            ]
         );
     }
 

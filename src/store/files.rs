@@ -250,14 +250,9 @@ impl Store {
             .collect();
         let tx = self.conn.savepoint()?;
         let (queued, added) = enqueue_in(&tx, (&self.me, self.mono), &items, now_ms)?;
-        if self.used + added > self.quota {
+        if let Err(full) = super::fits((self.used, self.quota), added, items) {
             drop(tx);
-            return Err(StoreError::Full {
-                used: self.used,
-                quota: self.quota,
-                needed: added,
-                rejected: items,
-            });
+            return Err(full);
         }
         tx.execute(
             "UPDATE transfers SET next_chunk = next_chunk + ?2, updated_ms = ?3 WHERE id = ?1",

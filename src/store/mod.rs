@@ -466,6 +466,11 @@ impl Store {
         }
     }
 
+    /// A batch is open.
+    pub fn in_batch(&self) -> bool {
+        self.batch
+    }
+
     pub fn me(&self) -> &Name {
         &self.me
     }
@@ -484,14 +489,9 @@ impl Store {
     ) -> Result<Vec<Queued>, StoreError> {
         let tx = self.conn.savepoint()?;
         let (queued, added) = enqueue_in(&tx, (&self.me, self.mono), &items, now_ms)?;
-        if self.used + added > self.quota {
+        if let Err(full) = fits((self.used, self.quota), added, items) {
             drop(tx);
-            return Err(StoreError::Full {
-                used: self.used,
-                quota: self.quota,
-                needed: added,
-                rejected: items,
-            });
+            return Err(full);
         }
         commit(tx, self.batch)?;
         self.committed();
@@ -853,14 +853,9 @@ impl Store {
     ) -> Result<(i64, Vec<Queued>), StoreError> {
         let tx = self.conn.savepoint()?;
         let (queued, added) = enqueue_in(&tx, (&self.me, self.mono), &items, now_ms)?;
-        if self.used + added > self.quota {
+        if let Err(full) = fits((self.used, self.quota), added, items) {
             drop(tx);
-            return Err(StoreError::Full {
-                used: self.used,
-                quota: self.quota,
-                needed: added,
-                rejected: items,
-            });
+            return Err(full);
         }
         tx.execute(
             "INSERT INTO jobs (created_ms, method, summary) VALUES (?1, ?2, ?3)",
@@ -1458,6 +1453,28 @@ fn enqueue_in(
     Ok((queued, added))
 }
 
+/// The one quota rule: `added` more bytes fit while `used + added <= quota`.
+fn within(used: u64, quota: u64, added: u64) -> bool {
+    used.saturating_add(added) <= quota
+}
+
+/// The quota check of every enqueue; `Full` hands the refused items back.
+pub(crate) fn fits(
+    (used, quota): (u64, u64),
+    added: u64,
+    items: Vec<Outgoing>,
+) -> Result<(), StoreError> {
+    if within(used, quota, added) {
+        return Ok(());
+    }
+    Err(StoreError::Full {
+        used,
+        quota,
+        needed: added,
+        rejected: items,
+    })
+}
+
 fn receive_one(
     tx: &Connection,
     env: &Envelope,
@@ -1485,7 +1502,7 @@ fn receive_one(
             Receipt::Duplicate { watermark: wm }
         });
     }
-    if used + bytes.len() as u64 > quota {
+    if !within(used, quota, bytes.len() as u64) {
         return Ok(Receipt::NoSpace { watermark: wm });
     }
     tx.prepare_cached(

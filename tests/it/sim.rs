@@ -14,6 +14,10 @@
 //! around it); and on streams whose ends never lost their store, every command
 //! ran exactly once and came back `ok`.
 //!
+//! Files too: central pushes a file to n1 and n2 fetches one from central's share
+//! directory, in 1 KiB chunks through the same faults; where neither end lost its
+//! store, both arrive whole. Long commands announce themselves with `Started`.
+//!
 //! `OUTPOST_SIM_SEEDS=N` runs N seeds (default 1000); `OUTPOST_SIM_SEED=S` runs one.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use outpost::delivery::DeliveryConfig;
 use outpost::frame::{Body, CmdResult, Command, Exec, Lane, Name, Status};
-use outpost::node::{Node, NodeConfig};
+use outpost::node::{FilesConfig, Node, NodeConfig, Notice};
 use outpost::session::RefusalKind;
 use outpost::store::{Durability, Inbound, Mono, Outgoing, StoreConfig};
 use outpost::trust::Keys;
@@ -79,8 +83,9 @@ struct Sent {
     forgotten: bool,
 }
 
-fn cfg() -> NodeConfig {
+fn cfg(files: FilesConfig) -> NodeConfig {
     NodeConfig {
+        files,
         store: StoreConfig {
             durability: Durability::Normal,
             quota_bytes: u64::MAX,
@@ -115,7 +120,13 @@ fn open(i: usize, n: &SimNode, now: u64) -> Result<Node, String> {
         secret: secret(i),
         public: PublicKey::from(&secret(i)),
     };
-    let mut node = Node::open(&n.db, &n.name, cfg(), keys, now)
+    let dir = n.db.parent().unwrap();
+    let files = FilesConfig {
+        dir: dir.join(format!("{}-files", n.name)),
+        share_dirs: vec![dir.join(format!("{}-share", n.name))],
+        chunk_size: 1024,
+    };
+    let mut node = Node::open(&n.db, &n.name, cfg(files), keys, now)
         .map_err(|e| format!("open {}: {e}", n.name))?;
     let trust = (0..NAMES.len())
         .filter(|&j| j != i)
@@ -127,6 +138,7 @@ fn open(i: usize, n: &SimNode, now: u64) -> Result<Node, String> {
         })
         .collect();
     node.set_trust(trust, now);
+    node.set_files_peers(NAMES.iter().map(|n| Name::new(n).unwrap()).collect());
     Ok(node)
 }
 
@@ -200,6 +212,20 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
     plan.sort_by_key(|p| p.0);
     let mut plan = plan.into_iter().peekable();
 
+    // Files: central pushes one to n1; n2 fetches one from central's share.
+    let file_at = (rng.below(3_000), rng.below(3_000));
+    let pushed: Vec<u8> = (0..2_000 + rng.below(6_000))
+        .map(|_| rng.next() as u8)
+        .collect();
+    let shared: Vec<u8> = (0..2_000 + rng.below(6_000))
+        .map(|_| rng.next() as u8)
+        .collect();
+    let share = dir.join("central-share");
+    std::fs::create_dir_all(&share).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("pushed.bin"), &pushed).map_err(|e| e.to_string())?;
+    std::fs::write(share.join("shared.bin"), &shared).map_err(|e| e.to_string())?;
+    let mut files_sent = (false, false);
+
     let mut sent: Vec<Sent> = Vec::new();
     let mut exec_log: Vec<(usize, Name, Lane, u64, String)> = Vec::new();
     let mut net: Vec<Msg> = Vec::new();
@@ -246,6 +272,24 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
             });
         }
 
+        if !files_sent.0 && now >= file_at.0 {
+            files_sent.0 = true;
+            let n1 = nodes[1].name.clone();
+            let central = nodes[0].node.as_mut().unwrap();
+            let t = central.offer(&n1, &dir.join("pushed.bin"), "pushed.bin", None, now)?;
+            trace!("t={now} central offers pushed.bin to n1: transfer {t}");
+        }
+        if !files_sent.1 && now >= file_at.1 {
+            files_sent.1 = true;
+            let central = nodes[0].name.clone();
+            let n2 = nodes[2].node.as_mut().unwrap();
+            n2.request_file(
+                &central,
+                share.join("shared.bin").display().to_string(),
+                now,
+            )?;
+        }
+
         // Faults: links flap, nodes restart.
         if faults && rng.chance(8) {
             let i = rng.below(3) as usize;
@@ -259,7 +303,8 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
                 // Subscribing delivers every peer's retained presence.
                 for (j, other) in names.iter().enumerate() {
                     if j != i {
-                        node.on_presence(Name::new(other).unwrap(), links[j], now);
+                        node.on_presence(Name::new(other).unwrap(), links[j], now)
+                            .map_err(|e| e.to_string())?;
                     }
                 }
             } else {
@@ -273,7 +318,8 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
                         .node
                         .as_mut()
                         .unwrap()
-                        .on_presence(name.clone(), up, now);
+                        .on_presence(name.clone(), up, now)
+                        .map_err(|e| e.to_string())?;
                 }
             }
         }
@@ -339,7 +385,8 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
                 node.on_connected(now);
                 for (j, other) in names.iter().enumerate() {
                     if j != i {
-                        node.on_presence(Name::new(other).unwrap(), nodes[j].link_up, now);
+                        node.on_presence(Name::new(other).unwrap(), nodes[j].link_up, now)
+                            .map_err(|e| e.to_string())?;
                     }
                 }
             }
@@ -447,73 +494,53 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
         for (i, n) in nodes.iter_mut().enumerate() {
             let node = n.node.as_mut().unwrap();
             loop {
-                let (ready, corrupt) = node.runnable(now).map_err(|e| e.to_string())?;
-                if !corrupt.is_empty() {
-                    return Err(format!("unexpected corruption: {corrupt:?}"));
+                let ready = node.take_ready(now).map_err(|e| e.to_string())?;
+                if !ready.corrupt.is_empty() {
+                    return Err(format!("unexpected corruption: {:?}", ready.corrupt));
                 }
-                let mut progressed = false;
-                for inbound in ready {
-                    match &inbound.env.body {
-                        Body::Command(_) => {
-                            if n.running.iter().any(|(r, _)| r.env == inbound.env) {
-                                continue;
-                            }
-                            node.start(&inbound, now).map_err(|e| e.to_string())?;
-                            let e = &inbound.env;
-                            trace!(
-                                "t={now} {} runs {}#{} from {}: {}",
-                                n.name,
-                                inbound.env.lane,
-                                inbound.env.seq,
-                                inbound.env.from,
-                                word_of(&inbound)
-                            );
-                            exec_log.push((
-                                i,
-                                e.from.clone(),
-                                e.lane.clone(),
-                                e.seq,
-                                word_of(&inbound),
-                            ));
-                            n.running.push((inbound, now + rng.below(60)));
-                        }
-                        Body::Result(_) | Body::Discarded { .. } => {
-                            if let Body::Result(r) = &inbound.env.body {
-                                trace!(
-                                    "t={now} {} takes result {}#{} (for #{}) from {}: {} {}",
-                                    n.name,
-                                    inbound.env.lane,
-                                    inbound.env.seq,
-                                    r.seq,
-                                    inbound.env.from,
-                                    r.status,
-                                    String::from_utf8_lossy(&r.stdout)
-                                );
-                            }
-                            let id = node
-                                .record_result(&inbound, now)
-                                .map_err(|e| e.to_string())?;
-                            // A store that went back may report again what it
-                            // reported before it lost that; the first result stands.
-                            if id.is_none() && !any_lost {
-                                return Err(format!(
-                                    "{}: second result for {:?}",
-                                    n.name, inbound.env
-                                ));
-                            }
-                            progressed = true;
-                        }
-                        Body::Started { seq } => {
-                            node.store_mut()
-                                .record_started(&inbound, *seq)
-                                .map_err(|e| e.to_string())?;
-                            progressed = true;
-                        }
-                        other => return Err(format!("unexpected body {other:?}")),
+                for (level, text) in node.notices() {
+                    trace!("t={now} {} notice {level:?}: {text}", n.name);
+                    // A store that went back may report again what it reported
+                    // before it lost that; the first result stands.
+                    if text.starts_with("second result") && !any_lost {
+                        return Err(format!("{}: {text}", n.name));
+                    }
+                    if level == Notice::Error && !any_lost {
+                        return Err(format!("{}: {text}", n.name));
                     }
                 }
-                if !progressed {
+                for inbound in ready.commands {
+                    if n.running.iter().any(|(r, _)| r.env == inbound.env) {
+                        continue;
+                    }
+                    node.start(&inbound, now).map_err(|e| e.to_string())?;
+                    let e = &inbound.env;
+                    trace!(
+                        "t={now} {} runs {}#{} from {}: {}",
+                        n.name,
+                        e.lane,
+                        e.seq,
+                        e.from,
+                        word_of(&inbound)
+                    );
+                    exec_log.push((i, e.from.clone(), e.lane.clone(), e.seq, word_of(&inbound)));
+                    let due = now + rng.below(60);
+                    if due > now + 30 {
+                        // A long one tells its sender it runs, as the agent does.
+                        node.announce_started(&e.from, &e.lane, e.seq, now)
+                            .map_err(|e| e.to_string())?;
+                    }
+                    n.running.push((inbound, due));
+                }
+                if ready.taken == 0 {
                     break;
+                }
+            }
+            node.pump_files(now).map_err(|e| e.to_string())?;
+            for (level, text) in node.notices() {
+                trace!("t={now} {} notice {level:?}: {text}", n.name);
+                if level == Notice::Error && !any_lost {
+                    return Err(format!("{}: {text}", n.name));
                 }
             }
             let mut k = 0;
@@ -543,7 +570,8 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
                                 .node
                                 .as_mut()
                                 .unwrap()
-                                .on_presence(name.clone(), true, now);
+                                .on_presence(name.clone(), true, now)
+                                .map_err(|e| e.to_string())?;
                         }
                     }
                 }
@@ -561,6 +589,7 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
     }
 
     check(&nodes, &sent, &exec_log)?;
+    check_files(&nodes, &pushed, &shared)?;
     drop(nodes);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
@@ -578,6 +607,15 @@ fn settled(nodes: &[SimNode]) -> Result<bool, String> {
             .counts()
             .map_err(|e| e.to_string())?;
         if c.outbox > 0 || c.inbox > 0 || c.running > 0 || !n.running.is_empty() {
+            return Ok(false);
+        }
+        // Chunks are queued a few at a time: an empty outbox is not a finished
+        // transfer. Where a store was lost, a transfer may never finish (see
+        // `check_files`), so only the strict case waits for them.
+        let strict = !nodes.iter().any(|n| n.lost);
+        let store = n.node.as_ref().unwrap().store();
+        let open = store.transfers(100).map_err(|e| e.to_string())?;
+        if strict && open.iter().any(|t| !t.finished()) {
             return Ok(false);
         }
         // A store met but not yet synchronised with may still owe results.
@@ -719,6 +757,66 @@ fn check(
     for n in nodes {
         let store = n.node.as_ref().unwrap().store();
         store.integrity_check().map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Where no store was lost, both files arrived whole and both transfers say so.
+fn check_files(nodes: &[SimNode], pushed: &[u8], shared: &[u8]) -> Result<(), String> {
+    if nodes.iter().any(|n| n.lost) {
+        return Ok(());
+    }
+    let dir = nodes[0].db.parent().unwrap();
+    for (who, path, want) in [
+        ("n1", dir.join("n1-files/central/pushed.bin"), pushed),
+        ("n2", dir.join("n2-files/central/shared.bin"), shared),
+    ] {
+        let got = std::fs::read(&path).map_err(|e| {
+            let states: Vec<String> = nodes
+                .iter()
+                .flat_map(|n| {
+                    let ts = n
+                        .node
+                        .as_ref()
+                        .unwrap()
+                        .store()
+                        .transfers(100)
+                        .unwrap_or_default();
+                    ts.into_iter()
+                        .map(|t| {
+                            format!(
+                                "{}: {} {} {} {}",
+                                n.name, t.direction, t.file_id, t.state, t.reason
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            format!("{who}: {}: {e}; transfers {states:?}", path.display())
+        })?;
+        if got != want {
+            return Err(format!(
+                "{who}: {} differs from what was sent",
+                path.display()
+            ));
+        }
+    }
+    for n in nodes {
+        for t in n
+            .node
+            .as_ref()
+            .unwrap()
+            .store()
+            .transfers(100)
+            .map_err(|e| e.to_string())?
+        {
+            if t.state != "done" {
+                return Err(format!(
+                    "{}: transfer {} of {} is {} ({})",
+                    n.name, t.id, t.file_id, t.state, t.reason
+                ));
+            }
+        }
     }
     Ok(())
 }

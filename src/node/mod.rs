@@ -31,7 +31,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+mod files;
+
+pub use files::CHUNKS_AHEAD;
 
 use crate::delivery::{Action, Delivery, DeliveryConfig, Event};
 use crate::frame::{self, Body, CmdResult, Envelope, Lane, Method, Name, Status};
@@ -60,6 +64,50 @@ pub struct NodeConfig {
     pub max_payload: usize,
     /// Commands of one parallel lane running at once.
     pub parallel: usize,
+    pub files: FilesConfig,
+}
+
+/// Where files land and what peers may fetch.
+#[derive(Debug, Clone)]
+pub struct FilesConfig {
+    /// Received files land in `dir/SOURCE/ID`.
+    pub dir: PathBuf,
+    /// What peers trusted with `files` may fetch.
+    pub share_dirs: Vec<PathBuf>,
+    /// Chunk size of files this node sends.
+    pub chunk_size: u32,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        FilesConfig {
+            dir: PathBuf::from("files"),
+            share_dirs: Vec::new(),
+            chunk_size: 16 * 1024,
+        }
+    }
+}
+
+/// Something the core did that the operator should read in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    Error,
+    Warn,
+    Info,
+}
+
+/// What [`Node::take_ready`] leaves to the shell: commands to run, and what it
+/// did with the rest.
+#[derive(Debug, Default)]
+pub struct Ready {
+    /// Commands whose turn has come (also those already running: the shell knows
+    /// which it started).
+    pub commands: Vec<Inbound>,
+    /// Jobs that got a result or a notice.
+    pub jobs_changed: Vec<i64>,
+    /// Frames taken (results, notices, file frames): call again when non-zero.
+    pub taken: usize,
+    pub corrupt: Vec<Corrupt>,
 }
 
 impl Default for NodeConfig {
@@ -69,6 +117,7 @@ impl Default for NodeConfig {
             delivery: DeliveryConfig::default(),
             max_payload: 64 * 1024,
             parallel: 8,
+            files: FilesConfig::default(),
         }
     }
 }
@@ -144,6 +193,14 @@ pub struct Node {
     deferred: BTreeSet<(Name, Lane)>,
     nacks: BTreeMap<(Name, Lane), u64>,
     loss: Option<Loss>,
+    /// Peers trusted with `files`.
+    files_peers: BTreeSet<Name>,
+    /// Open source files of transfers from share_dirs, by transfer id.
+    sources: BTreeMap<i64, std::fs::File>,
+    /// Transfers in progress or files with an expiry: sweep them by the clock.
+    files_active: bool,
+    /// Log lines for the shell, taken with [`Node::notices`].
+    notices: Vec<(Notice, String)>,
 }
 
 impl Node {
@@ -174,6 +231,10 @@ impl Node {
             deferred: BTreeSet::new(),
             nacks: BTreeMap::new(),
             loss,
+            files_peers: BTreeSet::new(),
+            sources: BTreeMap::new(),
+            files_active: true,
+            notices: Vec::new(),
         };
         node.sync_streams()?;
         for peer in node.store.peers_with_work()? {
@@ -218,8 +279,142 @@ impl Node {
         &self.store
     }
 
-    pub fn store_mut(&mut self) -> &mut Store {
-        &mut self.store
+    /// Peers trusted with `files` (pushing files here, fetching shared ones).
+    pub fn set_files_peers(&mut self, peers: BTreeSet<Name>) {
+        self.files_peers = peers;
+    }
+
+    fn may_use_files(&self, peer: &Name) -> Result<(), String> {
+        if self.files_peers.contains(peer) {
+            Ok(())
+        } else {
+            Err(format!("{peer} is not allowed to use files"))
+        }
+    }
+
+    fn notice(&mut self, level: Notice, text: String) {
+        // Bounded: a shell that never reads them loses the oldest.
+        if self.notices.len() >= 1024 {
+            self.notices.remove(0);
+        }
+        self.notices.push((level, text));
+    }
+
+    /// What happened since the last call that the log should say.
+    pub fn notices(&mut self) -> Vec<(Notice, String)> {
+        std::mem::take(&mut self.notices)
+    }
+
+    /// Transfers in progress or files that expire: [`Node::pump_files`] then wants
+    /// calling every few seconds.
+    pub fn files_active(&self) -> bool {
+        self.files_active
+    }
+
+    /// Groups the next changes into one commit (see `Store::begin_batch`).
+    pub fn begin_batch(&mut self) -> Result<(), StoreError> {
+        self.store.begin_batch()
+    }
+
+    /// Commits the open batch. If that fails (a full disk), the store rolled it
+    /// back and delivery learns the streams again from the store. Sequence numbers
+    /// handed out in the lost batch are handed out again to the next frames, which
+    /// then go after a resend timeout rather than at once: late, never lost.
+    pub fn end_batch(&mut self) -> Result<(), StoreError> {
+        let r = self.store.end_batch();
+        if r.is_err() {
+            self.sync_streams()?;
+        }
+        r
+    }
+
+    /// Commits what is pending: the batch so far, then opens the next one if a
+    /// batch was open (outside a batch every change is already committed).
+    pub fn flush_batch(&mut self) -> Result<(), StoreError> {
+        if !self.store.in_batch() {
+            return Ok(());
+        }
+        self.end_batch()?;
+        self.store.begin_batch()
+    }
+
+    /// Takes what is runnable: results, notices and file frames are handled here;
+    /// commands are left to the shell, which starts each (once) and finishes it.
+    pub fn take_ready(&mut self, now_ms: u64) -> Result<Ready, StoreError> {
+        let (ready, corrupt) = self.runnable(now_ms)?;
+        let mut out = Ready {
+            corrupt,
+            ..Ready::default()
+        };
+        for inbound in ready {
+            let (peer, lane, seq) = (&inbound.env.from, &inbound.env.lane, inbound.env.seq);
+            match &inbound.env.body {
+                Body::Command(_) => out.commands.push(inbound),
+                Body::Result(_) | Body::Discarded { .. } => {
+                    if self.store.record_result(&inbound, now_ms)?.is_none() {
+                        self.notice(
+                            Notice::Warn,
+                            format!("second result from {peer} for {lane}#{seq} ignored"),
+                        );
+                    }
+                    let cmd = match &inbound.env.body {
+                        Body::Result(r) => r.seq,
+                        Body::Discarded { seq, .. } => *seq,
+                        _ => unreachable!("matched above"),
+                    };
+                    if let Some(job) = self.store.job_of(peer, lane, cmd)? {
+                        out.jobs_changed.push(job);
+                    }
+                    out.taken += 1;
+                }
+                Body::Lost { reason } => {
+                    let text = format!("frame {lane}#{seq} from {peer} was lost: {reason}");
+                    self.notice(Notice::Error, text.clone());
+                    self.store.record_event(&inbound, &text, now_ms)?;
+                    out.taken += 1;
+                }
+                Body::FileOffer(_)
+                | Body::FileChunk { .. }
+                | Body::FileStatus { .. }
+                | Body::FileRequest { .. } => {
+                    self.on_file_frame(&inbound, now_ms)?;
+                    // A finished file is already moved into place: commit now.
+                    self.flush_batch()?;
+                    out.taken += 1;
+                }
+                Body::Started { seq: cmd } => {
+                    self.store.record_started(&inbound, *cmd)?;
+                    if let Some(job) = self.store.job_of(peer, lane, *cmd)? {
+                        out.jobs_changed.push(job);
+                    }
+                    out.taken += 1;
+                }
+                Body::Withdrawn { .. } => {
+                    self.store.consume(&inbound)?;
+                    out.taken += 1;
+                }
+                // Unsequenced: never stored in the inbox.
+                Body::Ack { .. } | Body::Hello { .. } | Body::Sync(_) | Body::Nack { .. } => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Tells `peer` that its command `seq` on `lane` has been running a while.
+    pub fn announce_started(
+        &mut self,
+        peer: &Name,
+        lane: &Lane,
+        seq: u64,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let item = Outgoing {
+            to: peer.clone(),
+            lane: lane.clone(),
+            ttl_s: None,
+            body: Body::Started { seq },
+        };
+        self.submit(vec![item], now_ms).map(|_| ())
     }
 
     /// The peers this node trusts, with their public keys. Streams to a peer that
@@ -320,15 +515,18 @@ impl Node {
         self.delivery.handle(Event::Disconnected, now_ms);
     }
 
-    pub fn on_presence(&mut self, peer: Name, online: bool, now_ms: u64) {
+    /// A peer's presence message: a hint for delivery, and recorded for `status`.
+    pub fn on_presence(&mut self, peer: Name, online: bool, now_ms: u64) -> Result<(), StoreError> {
         if online {
             if let Some(a) = self.asking.get_mut(&peer) {
                 a.at_ms = now_ms;
                 a.backoff_ms = ASK_FIRST_MS;
             }
         }
+        self.store.set_presence(&peer, online, now_ms)?;
         self.delivery
             .handle(Event::Presence { peer, online }, now_ms);
+        Ok(())
     }
 
     pub fn is_connected(&self) -> bool {
@@ -814,7 +1012,7 @@ impl Node {
     /// the streams are synchronised with. Commands that may have reached an earlier
     /// store of this node are answered `interrupted` here and not returned. Corrupt
     /// frames are quarantined and their senders told.
-    pub fn runnable(&mut self, now_ms: u64) -> Result<(Vec<Inbound>, Vec<Corrupt>), StoreError> {
+    fn runnable(&mut self, now_ms: u64) -> Result<(Vec<Inbound>, Vec<Corrupt>), StoreError> {
         let mut all_corrupt = Vec::new();
         loop {
             let (ready, corrupt) = self.store.runnable(self.cfg.parallel, now_ms)?;
@@ -873,25 +1071,6 @@ impl Node {
         Ok(queued)
     }
 
-    /// Records a received result (or discard notice) and consumes its frame.
-    pub fn record_result(
-        &mut self,
-        inbound: &Inbound,
-        now_ms: u64,
-    ) -> Result<Option<i64>, StoreError> {
-        self.store.record_result(inbound, now_ms)
-    }
-
-    /// Records a report-only frame (e.g. a lost frame notice) and consumes it.
-    pub fn record_event(
-        &mut self,
-        inbound: &Inbound,
-        text: &str,
-        now_ms: u64,
-    ) -> Result<(), StoreError> {
-        self.store.record_event(inbound, text, now_ms)
-    }
-
     /// Streams with unacknowledged frames: (peer, lane, acked, last).
     pub fn backlog(&self) -> Vec<(Name, Lane, u64, u64)> {
         self.delivery
@@ -917,7 +1096,7 @@ impl Node {
 
     /// Gives delivery the store's view of the streams again (after frames were
     /// enqueued directly through the store, or a Sync moved them).
-    pub fn sync_streams(&mut self) -> Result<(), StoreError> {
+    fn sync_streams(&mut self) -> Result<(), StoreError> {
         let streams = self.store.out_streams()?;
         self.delivery.reconcile(
             streams
