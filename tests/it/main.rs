@@ -5,6 +5,7 @@
 mod agent;
 mod faults;
 mod files;
+mod link;
 mod security;
 mod sim;
 mod support;
