@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Run the library's unit tests (`cargo test --lib`) and the core simulation
-# (`cargo test --test it -- sim::`: real stores, simulated faults, no broker)
-# cross-compiled, under qemu-user: one ARM target and big-endian mips by default.
+# Run the library's unit tests (`cargo test --lib`), the core simulation
+# (`cargo test --test it -- sim::`: real stores, simulated faults, no broker) and
+# the link against a native mosquitto (`link::`), cross-compiled, under qemu-user:
+# one ARM target and big-endian mips by default.
 #
 #   cross/test-qemu.sh                    # aarch64 and mips
 #   cross/test-qemu.sh armv7 mipsel       # others
@@ -46,7 +47,7 @@ for t in "${selected[@]}"; do
         extra=()
         export CARGO_TARGET_DIR="$root/target/cross-stable"
     fi
-    say "cargo test --lib, --test it sim:: --target $t (runner: $(qemu_of "$t"))"
+    say "cargo test --lib, --test it sim:: link:: --target $t (runner: $(qemu_of "$t"))"
     log="$root/target/dist/test-$t.log"
     mkdir -p "$(dirname "$log")"
     start=$SECONDS
@@ -59,11 +60,12 @@ for t in "${selected[@]}"; do
         RUSTUP_TOOLCHAIN=$toolchain nice -n 19 cargo-zigbuild test --locked --lib --target "$t" \
         "${extra[@]}" -- "$@" 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
-    # The simulation lives in the integration binary; only its sim:: tests run (the
-    # others need the native binary and a broker).
+    # The simulation and the link's tests live in the integration binary; only
+    # they run (the others need the native outpost binary). The link's tests start
+    # the host's mosquitto, its clients and openssl, which run natively.
     env "CARGO_TARGET_${upper}_RUSTFLAGS=$flags" \
         RUSTUP_TOOLCHAIN=$toolchain nice -n 19 cargo-zigbuild test --locked --test it --target "$t" \
-        "${extra[@]}" -- sim:: 2>&1 | tee -a "$log"
+        "${extra[@]}" -- sim:: link:: 2>&1 | tee -a "$log"
     rc_sim=${PIPESTATUS[0]}
     ((rc == 0)) && rc=$rc_sim
     set -e

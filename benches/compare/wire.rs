@@ -21,7 +21,6 @@
 //! that runs the real `uptime`, and an operator connected to the broker directly.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -47,8 +46,9 @@ use crate::report::{Figure, Report, Target};
 use crate::rig::{exec, Gate, Pair, LONG};
 use crate::support::broker::Broker;
 use crate::support::outpost::Agent;
+use crate::support::pki::{self, Ca, Issued};
 use crate::support::proxy::{Mode, Proxy};
-use crate::support::{find_program, free_port, wait_for, wait_until, TempDir};
+use crate::support::{free_port, wait_for, wait_until, TempDir};
 use crate::Opts;
 
 const SCENARIO: &str = "2 wire";
@@ -518,7 +518,7 @@ fn report_ping(r: &mut Report, p: &PingOverhead) {
 fn tls_pair(broker: Broker, tls_addr: SocketAddr, pki: &Pki) -> Pair {
     let proxy = Proxy::start(tls_addr);
     let keepalive = format!("{KEEPALIVE_S}s");
-    let ca = pki.ca.to_str().expect("utf-8 path");
+    let ca = pki.ca.cert().to_str().expect("utf-8 path");
     let node_url = format!("mqtts://127.0.0.1:{}", proxy.port());
     let flags = ["--keepalive", keepalive.as_str()];
     Pair::assemble(
@@ -924,85 +924,22 @@ fn check_json_results(op: &TeOperator, ids: &[u64]) {
 // ---------------------------------------------------------------------------------
 // TLS material
 
-/// A CA and a server certificate for 127.0.0.1, made with the openssl CLI as in
-/// tests/it/tls.rs (whose helpers the benchmark cannot import).
+/// A CA and a server certificate for 127.0.0.1 from the tests' `support::pki`.
 struct Pki {
     _dir: TempDir,
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
+    ca: Ca,
+    server: Issued,
 }
 
 impl Pki {
     fn new() -> Pki {
         let dir = TempDir::new();
-        let d = dir.path();
-        let file = |n: &str| d.join(n).to_str().expect("utf-8 path").to_string();
-        let (ca_key, ca) = (file("ca.key"), file("ca.crt"));
-        let (key, csr, ext, cert) = (
-            file("broker.key"),
-            file("broker.csr"),
-            file("broker.ext"),
-            file("broker.crt"),
-        );
-        let ec = ["-pkeyopt", "ec_paramgen_curve:P-256"];
-        openssl(
-            d,
-            &[
-                &["req", "-x509", "-newkey", "ec"][..],
-                &ec,
-                &["-nodes", "-days", "2", "-subj", "/CN=outpost bench ca"],
-                &["-keyout", &ca_key, "-out", &ca],
-            ]
-            .concat(),
-        );
-        openssl(
-            d,
-            &[&["genpkey", "-algorithm", "ec"][..], &ec, &["-out", &key]].concat(),
-        );
-        openssl(
-            d,
-            &[
-                "req",
-                "-new",
-                "-key",
-                &key,
-                "-subj",
-                "/CN=broker",
-                "-out",
-                &csr,
-            ],
-        );
-        std::fs::write(
-            &ext,
-            "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\n",
-        )
-        .expect("write ext file");
-        openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                &ca,
-                "-CAkey",
-                &ca_key,
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-                "-out",
-                &cert,
-            ],
-        );
+        let ca = Ca::new(dir.path(), "ca");
+        let server = ca.issue("broker", Some("IP:127.0.0.1"));
         Pki {
             _dir: dir,
-            ca: ca.into(),
-            cert: cert.into(),
-            key: key.into(),
+            ca,
+            server,
         }
     }
 
@@ -1011,10 +948,8 @@ impl Pki {
     fn broker(&self) -> (Broker, SocketAddr) {
         let port = free_port();
         let broker = Broker::start_stock(&format!(
-            "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
-            self.ca.display(),
-            self.cert.display(),
-            self.key.display(),
+            "listener {port} 127.0.0.1\n{}",
+            pki::mosquitto_tls(&self.ca, &self.server, false)
         ));
         (broker, SocketAddr::from(([127, 0, 0, 1], port)))
     }
@@ -1022,7 +957,7 @@ impl Pki {
     /// rustls with the ring provider trusting our CA, as src/link/tls.rs builds it.
     fn client_config(&self) -> Arc<ClientConfig> {
         let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(&self.ca).expect("read ca") {
+        for cert in CertificateDer::pem_file_iter(self.ca.cert()).expect("read ca") {
             roots.add(cert.expect("ca pem")).expect("add ca");
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -1033,18 +968,4 @@ impl Pki {
             .with_no_client_auth();
         Arc::new(config)
     }
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let bin = find_program("openssl").expect("openssl not found (apt-get install openssl)");
-    let out = Command::new(bin)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }

@@ -6,6 +6,7 @@ mod agent;
 mod cli;
 mod faults;
 mod files;
+mod link;
 mod security;
 mod sim;
 mod support;

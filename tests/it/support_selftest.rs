@@ -3,6 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -10,6 +11,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::support::broker::Broker;
+use crate::support::mqtt::{publish, Capture};
+use crate::support::pki::{openssl, Ca, KeyForm};
 use crate::support::proxy::{Mode, Proxy};
 use crate::support::{find_program, scaled, wait_exit, wait_until, KillOnDrop, TempDir};
 
@@ -276,6 +279,41 @@ fn blackhole_hides_a_close_until_the_link_is_restored() {
 }
 
 #[test]
+fn blackhole_live_silences_live_connections_while_new_ones_pass() {
+    let echo = Echo::start();
+    let proxy = Proxy::start(echo.addr);
+    let mut dark = connect(&proxy);
+    round_trip(&mut dark, b"ping");
+    wait_until("round trip counted", DEADLINE, || proxy.bytes_down() == 4);
+
+    proxy.blackhole_live();
+    assert_eq!(proxy.mode(), Mode::Pass);
+    dark.write_all(&[1u8; 100]).unwrap();
+    wait_until("proxy reads and drops the bytes", DEADLINE, || {
+        proxy.bytes_discarded() == 100
+    });
+    assert_eq!(echo.received(), 4, "blackholed bytes reached upstream");
+
+    // A connection made afterwards works.
+    let mut fresh = connect(&proxy);
+    round_trip(&mut fresh, b"fresh");
+
+    // The dark one hides its close too: nothing comes back for 300 ms.
+    dark.shutdown(std::net::Shutdown::Write).unwrap();
+    dark.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert!(
+        matches!(dark.read(&mut buf), Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)),
+        "close passed through a blackholed connection"
+    );
+    assert_eq!(echo.received(), 9);
+    proxy.cut();
+    expect_closed(&mut dark);
+    expect_closed(&mut fresh);
+}
+
+#[test]
 fn delay_adds_latency_in_each_direction() {
     let echo = Echo::start();
     let proxy = Proxy::start(echo.addr);
@@ -463,4 +501,115 @@ fn broker_exchanges_messages_through_proxy_and_restarts_on_same_port() {
     exchange(&broker, broker.port(), "selftest/c", "direct");
     let log = broker.log();
     assert_eq!(log.matches(" running").count(), 3, "{log}");
+}
+
+#[test]
+fn capture_sees_several_topics_in_order_beside_another_capture() {
+    let broker = Broker::start();
+    // Two captures on one broker: each needs its own client id, or the second
+    // would take the first one's session over.
+    let mut both = Capture::start_topics(&broker, &["selftest/a", "selftest/b"]);
+    let mut only_b = Capture::start(&broker, "selftest/b");
+    for (topic, payload) in [
+        ("selftest/a", "1"),
+        ("selftest/b", "2"),
+        ("selftest/a", "3"),
+    ] {
+        publish(&broker, topic, payload.as_bytes(), broker.dir());
+    }
+    for (topic, payload) in [
+        ("selftest/a", "1"),
+        ("selftest/b", "2"),
+        ("selftest/a", "3"),
+    ] {
+        assert_eq!(
+            both.next_message(DEADLINE),
+            (topic.to_string(), payload.as_bytes().to_vec())
+        );
+    }
+    assert_eq!(
+        only_b.next_message(DEADLINE),
+        ("selftest/b".to_string(), b"2".to_vec())
+    );
+    assert_eq!(only_b.all().len(), 1);
+}
+
+/// `openssl verify`'s verdict on `cert` against `ca` alone: Ok, or its output.
+fn verify(ca: &Ca, cert: &Path) -> Result<(), String> {
+    let out = Command::new(find_program("openssl").expect("openssl"))
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(ca.cert())
+        .arg(cert)
+        .output()
+        .expect("run openssl verify");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() && text.contains(": OK") {
+        Ok(())
+    } else {
+        Err(text)
+    }
+}
+
+#[test]
+fn pki_issues_certificates_in_every_key_form_and_expired_ones() {
+    let dir = TempDir::new();
+    let ca = Ca::new(dir.path(), "ca");
+    let rogue = Ca::new(dir.path(), "rogue");
+
+    let broker = ca.issue("broker", Some("IP:127.0.0.1,DNS:localhost"));
+    verify(&ca, &broker.cert).unwrap();
+    let cert = broker.cert.to_str().unwrap();
+    let text = openssl(
+        dir.path(),
+        &[
+            "x509",
+            "-in",
+            cert,
+            "-noout",
+            "-subject",
+            "-ext",
+            "subjectAltName",
+        ],
+    );
+    assert!(text.contains("CN = broker"), "{text}");
+    assert!(
+        text.contains("IP Address:127.0.0.1") && text.contains("DNS:localhost"),
+        "{text}"
+    );
+    let err = verify(&rogue, &broker.cert).unwrap_err();
+    assert!(
+        err.contains("unable to get local issuer certificate"),
+        "{err}"
+    );
+
+    for (form, header) in [
+        (KeyForm::Pkcs8, "-----BEGIN PRIVATE KEY-----"),
+        (KeyForm::Rsa, "-----BEGIN RSA PRIVATE KEY-----"),
+        (KeyForm::Sec1, "-----BEGIN EC PRIVATE KEY-----"),
+    ] {
+        let issued = ca.issue_with_key(&format!("{form:?}"), None, form);
+        let key = std::fs::read_to_string(&issued.key).unwrap();
+        assert!(key.starts_with(header), "{form:?}: {key}");
+        verify(&ca, &issued.cert).unwrap();
+        // The certificate is for this key.
+        let (cert, key) = (issued.cert.to_str().unwrap(), issued.key.to_str().unwrap());
+        let cert_pub = openssl(dir.path(), &["x509", "-in", cert, "-noout", "-pubkey"]);
+        let key_pub = openssl(dir.path(), &["pkey", "-in", key, "-pubout"]);
+        assert_eq!(cert_pub, key_pub, "{form:?}");
+    }
+
+    let expired = ca.issue_expired("old", Some("IP:127.0.0.1"));
+    let err = verify(&ca, &expired.cert).unwrap_err();
+    assert!(err.contains("certificate has expired"), "{err}");
+    let cert = expired.cert.to_str().unwrap();
+    let dates = openssl(dir.path(), &["x509", "-in", cert, "-noout", "-dates"]);
+    assert!(
+        dates.contains("notBefore=Jan  1 00:00:00 2020 GMT")
+            && dates.contains("notAfter=Jan  2 00:00:00 2020 GMT"),
+        "{dates}"
+    );
+    // A second expired certificate from the same CA (its openssl ca database).
+    verify(&ca, &ca.issue_expired("older", None).cert).unwrap_err();
 }

@@ -1,146 +1,18 @@
-//! Agents through a mosquitto TLS listener (mutual TLS), with a test PKI made by
-//! the openssl CLI (the same approach as the link's unit tests in
-//! `src/link/tests.rs`, which test code cannot import).
+//! Agents through a mosquitto TLS listener (mutual TLS), with a test PKI from
+//! `support::pki`.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::agent::{introduce, Agent};
 use crate::support::broker::Broker;
-use crate::support::{find_program, free_port, scaled, try_wait_for, TempDir};
+use crate::support::pki::{self, Ca, Issued};
+use crate::support::{free_port, scaled, try_wait_for, TempDir};
 
 const LONG: Duration = Duration::from_secs(120);
-
-/// A certificate and its private key, both PEM files.
-struct Issued {
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-/// A self-signed CA in `dir` that issues certificates into the same directory.
-struct Ca {
-    dir: PathBuf,
-    name: String,
-}
-
-impl Ca {
-    /// Creates `{name}.key` and `{name}.crt` in `dir`.
-    fn new(dir: &Path, name: &str) -> Ca {
-        let ca = Ca {
-            dir: dir.to_owned(),
-            name: name.to_owned(),
-        };
-        let subject = format!("/CN=outpost test {name}");
-        let (key, crt) = (ca.file("key"), ca.file("crt"));
-        openssl(
-            dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                &subject,
-                "-keyout",
-                &key,
-                "-out",
-                &crt,
-            ],
-        );
-        ca
-    }
-
-    /// `{dir}/{name}.{ext}` as a string, for openssl's arguments.
-    fn file(&self, ext: &str) -> String {
-        let path = self.dir.join(format!("{}.{ext}", self.name));
-        path.to_str().expect("utf-8 temp path").to_owned()
-    }
-
-    /// Issues a certificate with common name `cn` (and `san`, e.g.
-    /// `IP:127.0.0.1`) for a fresh P-256 key; files are named `{ca}-{cn}.*`.
-    fn issue(&self, cn: &str, san: Option<&str>) -> Issued {
-        let base = self.dir.join(format!("{}-{cn}", self.name));
-        let path = |ext: &str| format!("{}.{ext}", base.display());
-        let (key, csr, ext, crt) = (path("key"), path("csr"), path("ext"), path("crt"));
-        let dir = &self.dir;
-        openssl(
-            dir,
-            &[
-                "genpkey",
-                "-algorithm",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-out",
-                &key,
-            ],
-        );
-        let subject = format!("/CN={cn}");
-        openssl(
-            dir,
-            &["req", "-new", "-key", &key, "-subj", &subject, "-out", &csr],
-        );
-        let mut extensions = String::from("basicConstraints=CA:FALSE\n");
-        if let Some(san) = san {
-            extensions += &format!("subjectAltName={san}\n");
-        }
-        fs::write(&ext, extensions).unwrap_or_else(|e| panic!("write {ext}: {e}"));
-        let (ca_crt, ca_key) = (self.file("crt"), self.file("key"));
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                &ca_crt,
-                "-CAkey",
-                &ca_key,
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-                "-out",
-                &crt,
-            ],
-        );
-        Issued {
-            cert: crt.into(),
-            key: key.into(),
-        }
-    }
-}
-
-/// Runs the openssl CLI in `dir`; panics with its stderr if it fails.
-fn openssl(dir: &Path, args: &[&str]) {
-    let bin = find_program("openssl").unwrap_or_else(|| {
-        panic!(
-            "openssl not found in PATH; the TLS tests make their certificates with it: \
-             install it with `apt-get install openssl` (Debian/Ubuntu)"
-        )
-    });
-    let out = Command::new(bin)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A broker with a second listener that speaks TLS and requires a client
 /// certificate from `ca`, plus the files agents need to use it.
@@ -163,11 +35,8 @@ impl TlsBroker {
         // Without `per_listener_settings` the main listener's `allow_anonymous
         // true` covers this one too: the client certificate is the only check.
         let broker = Broker::start_with_config(&format!(
-            "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
-             require_certificate true\n",
-            ca.file("crt"),
-            server.cert.display(),
-            server.key.display(),
+            "listener {port} 127.0.0.1\n{}",
+            pki::mosquitto_tls(&ca, &server, true)
         ));
         TlsBroker {
             broker,
@@ -179,10 +48,9 @@ impl TlsBroker {
     /// Starts agent `name` on the TLS listener, trusting our CA and presenting
     /// `client`.
     fn agent(&self, name: &str, base: &Path, client: &Issued) -> Agent {
-        let ca = self.ca.file("crt");
         let flags = [
             "--ca-file",
-            &ca,
+            self.ca.cert().to_str().expect("utf-8 temp path"),
             "--client-cert",
             client.cert.to_str().expect("utf-8 temp path"),
             "--client-key",

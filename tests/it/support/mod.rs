@@ -1,6 +1,7 @@
-//! Shared helpers for the integration tests: condition waits with deadlines, ports,
-//! temporary directories, a real mosquitto per test (`broker`) and a fault-injecting
-//! TCP proxy (`proxy`).
+//! Shared helpers for the integration tests and the benchmarks: condition waits with
+//! deadlines, ports, temporary directories, a real mosquitto per test (`broker`),
+//! plain MQTT clients (`mqtt`), the real binary (`outpost`), test certificates
+//! (`pki`) and a fault-injecting TCP proxy (`proxy`). Each exists once.
 //!
 //! Tests never sleep to synchronise (STYLE.md habit 7): they wait for a condition
 //! with a deadline. Every deadline these helpers apply is multiplied by
@@ -13,6 +14,7 @@
 pub mod broker;
 pub mod mqtt;
 pub mod outpost;
+pub mod pki;
 pub mod proxy;
 
 use std::env;

@@ -4,29 +4,48 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::broker::Broker;
-use super::{find_program, KillOnDrop};
+use super::{find_program, scaled, try_wait_for, KillOnDrop};
 
 const LONG: Duration = Duration::from_secs(120);
 
 /// (topic, payload) pairs seen by a capture.
 type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 
-/// Every message published on `topic`, as (topic, payload bytes), from a subscriber
-/// started before anything is sent.
+/// Every message published on its topics, as (topic, payload bytes) in the order
+/// the broker delivered them, from a subscriber (QoS 1) started before anything
+/// is sent.
 pub struct Capture {
     _proc: KillOnDrop,
     seen: Seen,
+    /// How many of `seen` [`Capture::next_message`] has handed out.
+    n_read: usize,
 }
 
 impl Capture {
+    /// Subscribes to `topic` (a filter) and returns once the broker has added the
+    /// subscription.
     pub fn start(broker: &Broker, topic: &str) -> Capture {
+        Capture::start_topics(broker, &[topic])
+    }
+
+    /// Subscribes to every filter of `topics` in one client, so messages on them
+    /// are seen in the one order the broker sent them.
+    pub fn start_topics(broker: &Broker, topics: &[&str]) -> Capture {
+        // Unique per capture, so two on one broker do not take over each other's
+        // session.
+        static N: AtomicUsize = AtomicUsize::new(0);
         let sub = find_program("mosquitto_sub")
             .expect("mosquitto_sub (apt-get install mosquitto-clients)");
-        let client_id = format!("capture-{}", std::process::id());
+        let client_id = format!(
+            "capture-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
         let mut child = Command::new(sub)
             .args([
                 "-h",
@@ -39,7 +58,8 @@ impl Capture {
                 "1",
                 "-v",
             ])
-            .args(["-t", topic, "-F", "%t %x"])
+            .args(topics.iter().flat_map(|&topic| ["-t", topic]))
+            .args(["-F", "%t %x"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -57,11 +77,36 @@ impl Capture {
                 }
             }
         });
-        broker.wait_for_log(&format!("{client_id} 1 {topic}"), LONG);
+        for topic in topics {
+            broker.wait_for_log(&format!("{client_id} 1 {topic}"), LONG);
+        }
         Capture {
             _proc: KillOnDrop(child),
             seen,
+            n_read: 0,
         }
+    }
+
+    /// The first message that no earlier call returned, waiting up to `timeout`
+    /// (scaled by `slow_factor`) for it; panics with what was seen at the deadline.
+    #[track_caller]
+    pub fn next_message(&mut self, timeout: Duration) -> (String, Vec<u8>) {
+        let n = self.n_read;
+        let Some(message) = try_wait_for(timeout, || self.seen.lock().unwrap().get(n).cloned())
+        else {
+            let seen: Vec<_> = self
+                .all()
+                .into_iter()
+                .map(|(t, p)| format!("{t} {}", String::from_utf8_lossy(&p)))
+                .collect();
+            panic!(
+                "timed out after {:?}: message {} on the capture; seen: {seen:?}",
+                scaled(timeout),
+                n + 1,
+            );
+        };
+        self.n_read += 1;
+        message
     }
 
     pub fn payloads(&self, topic: &str) -> Vec<Vec<u8>> {
@@ -114,7 +159,6 @@ fn publish_with(broker: &Broker, topic: &str, payload: &[u8], dir: &Path, retain
 }
 
 fn rand_tag() -> u64 {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     static N: AtomicUsize = AtomicUsize::new(0);
     N.fetch_add(1, Ordering::Relaxed) as u64
 }

@@ -12,7 +12,9 @@
 //! see the connection end); [`Mode::Refuse`] also closes new connections as soon
 //! as they are accepted; [`Mode::Blackhole`] keeps connections open but drops
 //! every byte, and hides a peer's close from the other side, so a client only
-//! notices through its keepalive.
+//! notices through its keepalive. [`Proxy::blackhole_live`] does that to the live
+//! connections only, for good, while new ones are handled by the mode: a half-dead
+//! link that the client finds by keepalive and leaves by reconnecting.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
@@ -74,6 +76,9 @@ struct Conn {
     client: TcpStream,
     upstream: Mutex<Option<TcpStream>>,
     cut: AtomicBool,
+    /// Set by [`Proxy::blackhole_live`]: this connection drops everything, whatever
+    /// the mode.
+    blackholed: AtomicBool,
 }
 
 #[derive(Clone, Copy)]
@@ -153,6 +158,15 @@ impl Proxy {
         }
     }
 
+    /// Black-holes every live connection, as [`Mode::Blackhole`] would, until it
+    /// is cut; connections accepted later are handled by the mode as before.
+    pub fn blackhole_live(&self) {
+        for conn in lock(&self.shared.conns).values() {
+            conn.blackholed.store(true, Ordering::SeqCst);
+        }
+        self.shared.mode_changed.notify_all();
+    }
+
     /// Latency added to each direction, for bytes read from now on.
     pub fn set_delay(&self, one_way: Duration) {
         *lock(&self.shared.delay) = one_way;
@@ -174,7 +188,8 @@ impl Proxy {
         self.shared.bytes_down.load(Ordering::SeqCst) as u64
     }
 
-    /// Bytes read in either direction and dropped by [`Mode::Blackhole`].
+    /// Bytes read in either direction and dropped by [`Mode::Blackhole`] or
+    /// [`Proxy::blackhole_live`].
     pub fn bytes_discarded(&self) -> u64 {
         self.shared.bytes_discarded.load(Ordering::SeqCst) as u64
     }
@@ -250,6 +265,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: TcpListener) {
                 client,
                 upstream: Mutex::new(None),
                 cut: AtomicBool::new(false),
+                blackholed: AtomicBool::new(false),
             });
             next_id += 1;
             conns.insert(next_id, conn.clone());
@@ -371,7 +387,7 @@ fn pump(shared: &Shared, conn: &Conn, dir: Dir, mut from: TcpStream, mut to: Tcp
         match read {
             Ok(0) => ended = Some(true),
             Ok(n) => {
-                if *lock(&shared.mode) == Mode::Blackhole {
+                if conn.is_blackholed(shared) {
                     shared.bytes_discarded.fetch_add(n, Ordering::SeqCst);
                     continue;
                 }
@@ -401,7 +417,7 @@ fn pump(shared: &Shared, conn: &Conn, dir: Dir, mut from: TcpStream, mut to: Tcp
     // A blackholed link carries no close either: hold it back until the link
     // is restored or cut, so the other peer only learns of it then.
     let mut mode = lock(&shared.mode);
-    while *mode == Mode::Blackhole && !conn.is_cut() {
+    while (*mode == Mode::Blackhole || conn.blackholed.load(Ordering::SeqCst)) && !conn.is_cut() {
         mode = shared
             .mode_changed
             .wait_timeout(mode, MAX_WAIT)
@@ -416,8 +432,8 @@ fn pump(shared: &Shared, conn: &Conn, dir: Dir, mut from: TcpStream, mut to: Tcp
     }
 }
 
-/// Writes `bytes` to `to` at the configured rate, or drops them in
-/// [`Mode::Blackhole`]; counts what was written.
+/// Writes `bytes` to `to` at the configured rate, or drops them on a black-holed
+/// connection; counts what was written.
 fn send(
     shared: &Shared,
     conn: &Conn,
@@ -426,7 +442,7 @@ fn send(
     to: &mut TcpStream,
     bytes: &[u8],
 ) -> io::Result<()> {
-    if *lock(&shared.mode) == Mode::Blackhole {
+    if conn.is_blackholed(shared) {
         shared
             .bytes_discarded
             .fetch_add(bytes.len(), Ordering::SeqCst);
@@ -488,6 +504,12 @@ impl Conn {
 
     fn is_cut(&self) -> bool {
         self.cut.load(Ordering::SeqCst)
+    }
+
+    /// Whether bytes read on this connection are dropped: by the mode, or since
+    /// [`Proxy::blackhole_live`].
+    fn is_blackholed(&self, shared: &Shared) -> bool {
+        self.blackholed.load(Ordering::SeqCst) || *lock(&shared.mode) == Mode::Blackhole
     }
 
     /// Records the upstream socket so `cut` reaches it; false (and the socket
