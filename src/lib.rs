@@ -20,7 +20,7 @@
 //! - [`demo`]: `outpost demo`, the whole system on one machine.
 //! - [`config`]: the validated configuration (file, then flags).
 //! - [`cli`]: argh flag structs; no I/O.
-//! - [`log`]: levelled logging to stderr.
+//! - [`log`]: the one logger (ours and our dependencies' lines), to stderr.
 
 pub mod log;
 

@@ -507,9 +507,3 @@ fn mqtt_options(cfg: &LinkConfig) -> Result<MqttOptions, LinkError> {
     }
     Ok(options)
 }
-
-/// The link's one logging call, so the agent can route it later.
-fn log(level: &str, msg: fmt::Arguments<'_>) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "outpost: {level}: {msg}");
-}

@@ -12,7 +12,8 @@ use rumqttc::{
 use tokio::time::{sleep_until, timeout, Instant};
 
 use super::tls::{self, lower_first};
-use super::{log, AckToken, LinkConfig, LinkEvent, Shared};
+use super::{AckToken, LinkConfig, LinkEvent, Shared};
+use crate::{error, info, warn};
 
 /// First reconnect delay; doubles up to `backoff_cap`.
 const BACKOFF_START: Duration = Duration::from_millis(300);
@@ -90,11 +91,8 @@ impl Thread {
                         // alone (the store, not the broker, holds what matters).
                         self.shared.poisoned.store(true, Ordering::Release);
                         self.eventloop.mqtt_options.set_clean_session(true);
-                        log(
-                            "error",
-                            format_args!(
-                                "the broker sent a message of {size} bytes, more than max_packet; reconnecting with a clean session, and without presence until restart"
-                            ),
+                        error!(
+                            "the broker sent a message of {size} bytes, more than max_packet; reconnecting with a clean session, and without presence until restart"
                         );
                         if self
                             .events
@@ -116,13 +114,10 @@ impl Thread {
                     let delay = backoff.next();
                     match &mut outage {
                         None => {
-                            log(
-                                "warn",
-                                format_args!(
-                                    "link down: {} (retrying in {})",
-                                    failure.reason,
-                                    human(delay)
-                                ),
+                            warn!(
+                                "link down: {} (retrying in {})",
+                                failure.reason,
+                                human(delay)
                             );
                             outage = Some((Instant::now(), failure.reason.clone()));
                             let lost = LinkEvent::Disconnected {
@@ -134,13 +129,10 @@ impl Thread {
                         }
                         // Log a change of reason once, not every retry.
                         Some((_, last)) if *last != failure.reason => {
-                            log(
-                                "warn",
-                                format_args!(
-                                    "link still down: {} (retrying in {})",
-                                    failure.reason,
-                                    human(delay)
-                                ),
+                            warn!(
+                                "link still down: {} (retrying in {})",
+                                failure.reason,
+                                human(delay)
                             );
                             *last = failure.reason.clone();
                             let changed = LinkEvent::Disconnected {
@@ -173,15 +165,12 @@ impl Thread {
                     // The clean session was for this connect only.
                     self.eventloop.mqtt_options.set_clean_session(false);
                     match outage.take() {
-                        Some((since, _)) => log(
-                            "info",
-                            format_args!(
-                                "link up: {} after {}",
-                                self.cfg.broker,
-                                human(since.elapsed())
-                            ),
+                        Some((since, _)) => info!(
+                            "link up: {} after {}",
+                            self.cfg.broker,
+                            human(since.elapsed())
                         ),
-                        None => log("info", format_args!("link up: {}", self.cfg.broker)),
+                        None => info!("link up: {}", self.cfg.broker),
                     }
                     Some(LinkEvent::Connected {
                         session_present: connack.session_present,
@@ -206,12 +195,9 @@ impl Thread {
                 }
                 Event::Incoming(Packet::SubAck(suback)) => {
                     if suback.return_codes.contains(&SubscribeReasonCode::Failure) {
-                        log(
-                            "warn",
-                            format_args!(
-                                "broker refused a subscription among {:?}",
-                                self.cfg.subscriptions
-                            ),
+                        warn!(
+                            "broker refused a subscription among {:?}",
+                            self.cfg.subscriptions
                         );
                     }
                     None
@@ -235,7 +221,7 @@ impl Thread {
         if self.shared.connected.load(Ordering::Acquire) {
             self.disconnect().await;
         }
-        log("info", format_args!("link stopped"));
+        info!("link stopped");
     }
 
     /// Queues subscriptions and on_connect messages ahead of anything the caller
@@ -297,10 +283,7 @@ impl Thread {
         })
         .await;
         if sent.is_err() {
-            log(
-                "warn",
-                format_args!("link stopped without a clean disconnect"),
-            );
+            warn!("link stopped without a clean disconnect");
         }
     }
 
