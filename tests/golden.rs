@@ -388,7 +388,7 @@ fn the_table_covers_every_variant_with_its_discriminant() {
     let commands: Vec<&str> = rows
         .iter()
         .filter_map(|(_, b, _)| match b {
-            Body::Command(c) => Some(c.method()),
+            Body::Command(c) => Some(c.method().as_str()),
             _ => None,
         })
         .collect();

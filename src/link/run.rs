@@ -20,6 +20,10 @@ const BACKOFF_START: Duration = Duration::from_millis(300);
 /// A connection that lived this long resets the backoff; a shorter one (a broker
 /// that accepts and then kicks us) keeps it growing.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// Closes right after connecting, this many within [`TAKEOVER_WINDOW`], are
+/// reported as another client using our client id.
+const TAKEOVERS: usize = 3;
+const TAKEOVER_WINDOW: Duration = Duration::from_secs(120);
 /// How often a long backoff is cut short by a TCP probe, and how long one may take.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(900);
@@ -70,6 +74,9 @@ impl Thread {
         let mut backoff = Backoff::new(BACKOFF_START, self.cfg.backoff_cap, seed());
         let mut up_since: Option<Instant> = None;
         let mut outage: Option<(Instant, String)> = None;
+        // When the broker closed a link that had just come up: several in a row
+        // mean another client uses this client id (MQTT's session takeover).
+        let mut taken_over: std::collections::VecDeque<Instant> = Default::default();
         // Our own on_connect publishes: their PUBACKs are not the caller's `Published`.
         let mut n_untagged_own = 0;
         let mut own_pkids: Vec<u16> = Vec::new();
@@ -110,7 +117,27 @@ impl Thread {
                     if was_up.is_some_and(|t| t.elapsed() >= STABLE_AFTER) {
                         backoff.reset();
                     }
-                    let failure = describe(&e, was_up.is_some());
+                    let mut failure = describe(&e, was_up.is_some());
+                    let closed_soon = failure.reason == "connection closed by the broker"
+                        && was_up.is_some_and(|t| t.elapsed() < STABLE_AFTER);
+                    if closed_soon {
+                        taken_over.push_back(Instant::now());
+                        while taken_over.len() > TAKEOVERS {
+                            taken_over.pop_front();
+                        }
+                    } else if was_up.is_some_and(|t| t.elapsed() >= STABLE_AFTER) {
+                        taken_over.clear();
+                    }
+                    if taken_over.len() >= TAKEOVERS
+                        && taken_over
+                            .front()
+                            .is_some_and(|t| t.elapsed() < TAKEOVER_WINDOW)
+                    {
+                        failure.reason = format!(
+                            "the broker keeps closing the connection right after it is made: another client is using this node's name ({}) on the broker; two agents with one name take the connection from each other",
+                            self.cfg.client_id
+                        );
+                    }
                     let delay = backoff.next();
                     match &mut outage {
                         None => {

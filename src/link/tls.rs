@@ -45,7 +45,7 @@ pub(super) fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, LinkE
                     "client certificate {} and key {} cannot be used: {}",
                     cert_file.display(),
                     key_file.display(),
-                    describe(&e)
+                    describe_own(&e)
                 ))
             })?
         }
@@ -96,6 +96,26 @@ pub(super) fn describe(e: &rustls::Error) -> String {
             )
         }
         e => format!("tls error: {}", lower_first(&e.to_string())),
+    }
+}
+
+/// Why our own certificate and key were refused, before any connection: the
+/// words of [`describe`] are about the broker's and would blame the wrong one.
+fn describe_own(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InvalidCertificate(CertificateError::Other(other))
+            if format!("{other:?}").contains("UnsupportedCertVersion") =>
+        {
+            "it is an X.509 version 1 certificate, which rustls does not accept; issue it again as version 3 (with extensions, e.g. openssl x509 -req ... -extfile)".into()
+        }
+        rustls::Error::InvalidCertificate(CertificateError::BadEncoding) => {
+            "the certificate is malformed".into()
+        }
+        rustls::Error::InvalidCertificate(e) => {
+            format!("the certificate is not usable: {}", lower_first(&format!("{e:?}")))
+        }
+        rustls::Error::InconsistentKeys(_) => "the key does not belong to the certificate".into(),
+        e => lower_first(&e.to_string()),
     }
 }
 
@@ -176,10 +196,13 @@ fn bare_name(name: &str) -> &str {
         .unwrap_or(name)
 }
 
+/// `Connection refused` → `connection refused`; an acronym (`TLS: I/O`) stays.
 pub(super) fn lower_first(s: &str) -> String {
     let mut chars = s.chars();
+    let acronym = s.chars().nth(1).is_some_and(|c| c.is_uppercase());
     match chars.next() {
-        Some(c) => c.to_lowercase().chain(chars).collect(),
+        Some(c) if !acronym => c.to_lowercase().chain(chars).collect(),
+        Some(_) => s.to_string(),
         None => String::new(),
     }
 }

@@ -479,3 +479,25 @@ fn a_toml_syntax_error_names_the_line() {
         "{out:?}"
     );
 }
+
+#[test]
+fn two_agents_with_one_name_are_told_another_client_uses_the_name() {
+    let tmp = TempDir::new();
+    introduce(tmp.path(), "central", "ship1", "exec");
+    let broker = Broker::start();
+    let first = Agent::start_with("ship1", &broker.url(), tmp.path(), &[]);
+    // A second state directory, the same name: a copied image, a typo.
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let twin = Agent::start_with("ship1", &broker.url(), &other, &[]);
+    for agent in [&first, &twin] {
+        wait_until("the link names the takeover", LONG, || {
+            agent.status()["link"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("another client is using this node's name (ship1)"))
+        });
+    }
+    assert!(first
+        .log()
+        .contains("another client is using this node's name"));
+}

@@ -393,6 +393,52 @@ fn wrong_host_name_and_expired_broker_certificates_are_reported() {
 
 // ---- helpers --------------------------------------------------------------------
 
+#[test]
+fn a_client_certificate_rustls_cannot_use_is_named_with_the_reason_in_words() {
+    let dir = TempDir::new();
+    let ca = Ca::new(dir.path(), "ca");
+    // `x509 -req` without extensions writes an X.509 version 1 certificate.
+    pki::openssl(
+        dir.path(),
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=v1",
+            "-keyout",
+            "v1.key",
+            "-out",
+            "v1.csr",
+        ],
+    );
+    pki::openssl(
+        dir.path(),
+        &[
+            "x509", "-req", "-in", "v1.csr", "-signkey", "v1.key", "-days", "2", "-out", "v1.crt",
+        ],
+    );
+    let mut cfg = config("v1", "mqtts://127.0.0.1:1");
+    cfg.tls = TlsFiles {
+        ca_file: Some(ca.cert().to_path_buf()),
+        client_cert: Some(dir.path().join("v1.crt")),
+        client_key: Some(dir.path().join("v1.key")),
+    };
+    let e = Link::start(cfg).err().unwrap().to_string();
+    assert!(
+        e.contains("client certificate") && e.contains("v1.crt"),
+        "{e}"
+    );
+    assert!(e.contains("X.509 version 1"), "{e}");
+    assert!(
+        !e.contains("broker certificate") && !e.contains("OtherError"),
+        "{e}"
+    );
+}
+
 fn config(client_id: &str, url: &str) -> LinkConfig {
     LinkConfig {
         client_id: client_id.into(),
