@@ -3,6 +3,9 @@
 //!
 //! Run with `cargo bench --bench core`. Prints frames per second; asserts nothing.
 
+// Helpers shared across this crate's modules are `pub` to each other only.
+#![allow(unreachable_pub)]
+
 use std::path::PathBuf;
 use std::time::Instant;
 

@@ -12,6 +12,9 @@
 //!
 //! Prints what it measured; panics (non-zero exit) if a promise broke.
 
+// Helpers shared across this crate's modules are `pub` to each other only.
+#![allow(unreachable_pub)]
+
 #[path = "../tests/it/support/mod.rs"]
 mod support;
 

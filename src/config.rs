@@ -203,13 +203,13 @@ impl Config {
         }
         let backoff_cap = opt(raw.backoff_cap.as_deref(), "backoff_cap", parse_duration)?
             .unwrap_or(Duration::from_secs(60));
-        let durability = opt(raw.durability.as_deref(), "durability", |s| s.parse())?
-            .unwrap_or(Durability::Full);
+        let durability =
+            opt(raw.durability.as_deref(), "durability", str::parse)?.unwrap_or(Durability::Full);
         let quota = opt(raw.quota.as_deref(), "quota", parse_size)?.unwrap_or(256 * 1024 * 1024);
         let output_cap =
             opt(raw.output_cap.as_deref(), "output_cap", parse_size)?.unwrap_or(64 * 1024);
         let log_level =
-            opt(raw.log_level.as_deref(), "log_level", |s| s.parse())?.unwrap_or(LogLevel::Info);
+            opt(raw.log_level.as_deref(), "log_level", str::parse)?.unwrap_or(LogLevel::Info);
         let password = password(raw.password, raw.password_file.as_deref())?;
         if broker.tls && raw.ca_file.is_none() {
             return Err("ca_file: required for an mqtts:// broker".into());

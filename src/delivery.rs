@@ -204,7 +204,7 @@ impl Delivery {
             Event::Disconnected => self.connected = false,
             Event::Presence { peer, online: true } => self.heard_from(&peer, now_ms),
             Event::Unsent { peer } => {
-                for ((p, _), s) in self.out.iter_mut() {
+                for ((p, _), s) in &mut self.out {
                     if *p == peer {
                         rewind(s, self.cfg.rto_min_ms);
                     }
@@ -246,7 +246,7 @@ impl Delivery {
             Event::Synced { peer, synced } => {
                 if synced {
                     if self.synced.insert(peer.clone()) {
-                        for ((p, _), s) in self.out.iter_mut() {
+                        for ((p, _), s) in &mut self.out {
                             if *p == peer {
                                 rewind(s, self.cfg.rto_min_ms);
                             }
@@ -314,7 +314,7 @@ impl Delivery {
             return actions;
         }
         let mut sends: Vec<(LaneClass, Action)> = Vec::new();
-        for ((peer, lane), s) in self.out.iter_mut() {
+        for ((peer, lane), s) in &mut self.out {
             if !self.synced.contains(peer) {
                 continue;
             }
@@ -450,7 +450,7 @@ impl Delivery {
     fn heard_from(&mut self, peer: &Name, now_ms: u64) {
         let before = self.presence.insert(peer.clone(), Presence::Online);
         if before == Some(Presence::Offline) {
-            for ((p, _), s) in self.out.iter_mut() {
+            for ((p, _), s) in &mut self.out {
                 if p == peer {
                     s.rto_ms = self.cfg.rto_min_ms;
                     s.deadline_ms = (s.sent > s.acked).then_some(now_ms + self.cfg.online_grace_ms);

@@ -154,7 +154,9 @@ impl Group {
 
 /// A poisoned lock only means a panic elsewhere; the state is still sound.
 fn lock(group: &Mutex<Group>) -> MutexGuard<'_, Group> {
-    group.lock().unwrap_or_else(|e| e.into_inner())
+    group
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Kills the group if the run future is dropped before the command ended, so a
@@ -561,7 +563,7 @@ mod tests {
 
     fn spec(argv: &[&str]) -> Spec {
         Spec {
-            argv: argv.iter().map(|a| a.to_string()).collect(),
+            argv: argv.iter().map(std::string::ToString::to_string).collect(),
             env: Vec::new(),
             base: None,
             tag: None,

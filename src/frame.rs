@@ -545,6 +545,7 @@ pub fn unpack(payload: &[u8]) -> Unpack<'_> {
     Unpack { rest: payload }
 }
 
+#[derive(Debug)]
 pub struct Unpack<'a> {
     rest: &'a [u8],
 }
@@ -962,7 +963,7 @@ mod tests {
             .iter()
             .map(|e| encode(e).unwrap())
             .collect();
-        let packed = pack(frames.iter().map(|f| f.as_slice()));
+        let packed = pack(frames.iter().map(std::vec::Vec::as_slice));
         let now = 1_763_800_001_000;
         let wire = compact(&packed, &name("ship1"), &name("central"), now).unwrap();
         assert_eq!(

@@ -7,7 +7,10 @@ use std::process::ExitCode;
 use outpost::cli::{self, Early};
 
 fn main() -> ExitCode {
-    let args: Vec<String> = match std::env::args_os().map(|a| a.into_string()).collect() {
+    let args: Vec<String> = match std::env::args_os()
+        .map(std::ffi::OsString::into_string)
+        .collect()
+    {
         Ok(args) => args,
         Err(bad) => {
             eprintln!("outpost: error: argument {bad:?} is not UTF-8");

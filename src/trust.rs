@@ -279,7 +279,11 @@ impl Trust {
             .get(peer)
             .ok_or_else(|| format!("{peer} is not trusted"))?;
         if !p.allow.contains(&method) {
-            let allowed: Vec<String> = p.allow.iter().map(|m| m.to_string()).collect();
+            let allowed: Vec<String> = p
+                .allow
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect();
             return Err(format!(
                 "{peer} is not allowed to use {method} (allowed: {})",
                 none_if_empty(&allowed)

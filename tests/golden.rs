@@ -10,6 +10,9 @@
 //!
 //! Pure: its own binary, because it needs neither mosquitto nor the agent.
 
+// Helpers shared across this crate's modules are `pub` to each other only.
+#![allow(unreachable_pub)]
+
 use outpost::frame::{
     self, Body, CmdResult, Command, Envelope, Exec, FileOffer, FileState, HttpGet, HttpReply, Lane,
     Name, SentStream, Status, Sync,

@@ -10,6 +10,9 @@
 //! Scenarios: replay (1, and flash wear, 6), wire (2), enqueue (3), latency (4),
 //! footprint (5), satellite (7).
 
+// Helpers shared across this crate's modules are `pub` to each other only.
+#![allow(unreachable_pub)]
+
 #[path = "../../tests/it/support/mod.rs"]
 mod support;
 
@@ -28,6 +31,7 @@ use serde_json::{json, Value};
 use report::Report;
 
 /// What the command line asked for.
+#[derive(Debug)]
 pub struct Opts {
     /// Divide message counts by 10 (for trying the benchmark out, not for the README).
     pub quick: bool,
@@ -127,7 +131,7 @@ fn machine() -> Value {
         .find_map(|l| l.strip_prefix("model name"))
         .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
         .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let run = |cmd: &str, args: &[&str]| {
         Command::new(cmd)
             .args(args)

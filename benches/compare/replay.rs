@@ -350,7 +350,7 @@ fn node_idle(status: &Value) -> bool {
     let inbox: u64 = status["inbox"]
         .as_array()
         .map_or(0, |a| a.iter().filter_map(|e| e["frames"].as_u64()).sum());
-    let running = status["running"].as_array().map_or(0, |a| a.len());
+    let running = status["running"].as_array().map_or(0, std::vec::Vec::len);
     inbox == 0 && running == 0
 }
 

@@ -122,7 +122,7 @@ impl Report {
                 f.unit,
                 base,
                 f.ratio().map(|r| format!("{r:.3}")).unwrap_or_default(),
-                f.target.map(|t| t.describe()).unwrap_or_default(),
+                f.target.map(Target::describe).unwrap_or_default(),
                 match f.meets() {
                     Some(true) => "yes",
                     Some(false) => "**no**",
@@ -145,7 +145,7 @@ impl Report {
                     "unit": f.unit,
                     "baseline": f.baseline.as_ref().map(|(n, v)| json!({ "system": n, "value": v })),
                     "ratio": f.ratio(),
-                    "target": f.target.map(|t| t.describe()),
+                    "target": f.target.map(Target::describe),
                     "met": f.meets(),
                 })
             })
@@ -177,13 +177,13 @@ pub fn short(x: f64) -> String {
     }
     let a = x.abs();
     let s = if a >= 1000.0 || x.fract() == 0.0 {
-        format!("{:.0}", x)
+        format!("{x:.0}")
     } else if a >= 10.0 {
-        format!("{:.1}", x)
+        format!("{x:.1}")
     } else if a >= 0.1 {
-        format!("{:.3}", x)
+        format!("{x:.3}")
     } else {
-        format!("{:.4}", x)
+        format!("{x:.4}")
     };
     group(&s)
 }

@@ -161,7 +161,7 @@ fn frames(v: &Value) -> u64 {
 
 pub fn exec(argv: &[&str]) -> CommandSpec {
     CommandSpec::Exec {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
+        argv: argv.iter().map(std::string::ToString::to_string).collect(),
         env: vec![],
         cwd: None,
         stdin: String::new(),

@@ -214,7 +214,7 @@ impl Agent {
                     "{name} has never been seen; queued until it connects"
                 )),
                 Some((_, false, _)) => {
-                    notes.push(format!("{name} is offline; queued until it returns"))
+                    notes.push(format!("{name} is offline; queued until it returns"));
                 }
                 Some(_) => {}
             }

@@ -126,7 +126,7 @@ impl Agent {
         if !quiet {
             let more = r.count - r.count_logged;
             let tail = if more > 1 {
-                format!(" ({} in all since the last report)", more)
+                format!(" ({more} in all since the last report)")
             } else {
                 String::new()
             };

@@ -103,7 +103,7 @@ impl AgentArgs {
     }
 }
 
-pub fn run(args: AgentArgs) -> Result<ExitCode, String> {
+pub(super) fn run(args: AgentArgs) -> Result<ExitCode, String> {
     let (path, explicit) = super::config_path(args.config.clone());
     let mut file = FileConfig::load(&path, explicit)?
         .overlay(FileConfig::env())

@@ -90,7 +90,7 @@ client_args! {
 /// How often a waiting `files put` / `files get` looks at its transfers.
 const POLL: Duration = Duration::from_millis(250);
 
-pub fn run(args: FilesArgs) -> Result<ExitCode, String> {
+pub(super) fn run(args: FilesArgs) -> Result<ExitCode, String> {
     let parent = args.common(Common::default());
     match args.cmd {
         FilesCmd::Put(p) => put(p, parent),

@@ -38,7 +38,7 @@ client_args! {
     }
 }
 
-pub fn run(args: JobsArgs) -> Result<ExitCode, String> {
+pub(super) fn run(args: JobsArgs) -> Result<ExitCode, String> {
     let parent = args.common(Common::default());
     if let Some(JobsCmd::Show(show)) = args.show {
         return run_show(show, parent);
@@ -105,7 +105,7 @@ fn run_show(show: JobsShow, parent: Common) -> Result<ExitCode, String> {
 }
 
 /// `42s`, `5m`, `3h`, `2d`: how long ago, for a table.
-pub fn age(ms: u64) -> String {
+pub(super) fn age(ms: u64) -> String {
     let s = ms / 1000;
     match s {
         0..=119 => format!("{s}s"),

@@ -83,7 +83,7 @@ struct KeyLine<'a> {
     public_key: String,
 }
 
-pub fn run(args: KeysArgs) -> Result<ExitCode, String> {
+pub(super) fn run(args: KeysArgs) -> Result<ExitCode, String> {
     match args.cmd {
         KeysCmd::Gen(g) => gen(g),
         KeysCmd::Show(sh) => {
@@ -190,7 +190,7 @@ fn trust_peer(t: KeysTrust) -> Result<ExitCode, String> {
 }
 
 /// The node's name as the agent or `keys gen --name` recorded it.
-pub fn node_name(dir: &Path) -> Option<String> {
+pub(super) fn node_name(dir: &Path) -> Option<String> {
     std::fs::read_to_string(dir.join("name"))
         .ok()
         .map(|s| s.trim().to_string())

@@ -14,7 +14,7 @@ use crate::control::reply::{JobView, ResultView};
 use crate::control::{Client, CommandSpec};
 
 /// Largest stdin `send` passes to a command (it travels in one frame).
-pub const MAX_STDIN: usize = 256 * 1024;
+pub(super) const MAX_STDIN: usize = 256 * 1024;
 
 client_args! {
     /// send a command to nodes; waits for results unless --async
@@ -88,7 +88,7 @@ pub struct HttpGetArgs {
     pub url: String,
 }
 
-pub fn run(args: SendArgs) -> Result<ExitCode, String> {
+pub(super) fn run(args: SendArgs) -> Result<ExitCode, String> {
     let common = args.common(Common::default());
     let timeout_ms = duration_flag("--timeout", args.timeout.as_deref())?
         .map(|d| d.as_millis().min(u128::from(u32::MAX)) as u32);
@@ -182,7 +182,7 @@ fn read_stdin() -> Result<String, String> {
 }
 
 /// Prints each target's result as it arrives; exit 0 when every one is ok.
-pub fn follow(client: &mut Client, job: i64, json: bool) -> Result<ExitCode, String> {
+pub(super) fn follow(client: &mut Client, job: i64, json: bool) -> Result<ExitCode, String> {
     let mut printed: Vec<String> = Vec::new();
     let mut all_ok = true;
     loop {
@@ -214,7 +214,7 @@ pub fn follow(client: &mut Client, job: i64, json: bool) -> Result<ExitCode, Str
 
 /// What `send --json` prints: one object per target result.
 #[derive(Debug, Serialize)]
-pub struct TargetResult<'a> {
+pub(super) struct TargetResult<'a> {
     pub node: &'a str,
     pub job: i64,
     pub status: &'a str,
@@ -230,7 +230,7 @@ pub struct TargetResult<'a> {
 }
 
 impl<'a> TargetResult<'a> {
-    pub fn new(job: &JobView, node: &'a str, r: &'a ResultView) -> TargetResult<'a> {
+    pub(super) fn new(job: &JobView, node: &'a str, r: &'a ResultView) -> TargetResult<'a> {
         TargetResult {
             node,
             job: job.id,
@@ -250,7 +250,7 @@ impl<'a> TargetResult<'a> {
 
 /// One target's result for people: output lines prefixed by the node, then what
 /// went wrong, if anything.
-pub fn print_result(node: &str, r: &ResultView) {
+pub(super) fn print_result(node: &str, r: &ResultView) {
     for line in r.stdout.lines() {
         println!("{node}: {line}");
     }
@@ -274,13 +274,13 @@ pub fn print_result(node: &str, r: &ResultView) {
 }
 
 /// One JSON document on a line of its own.
-pub fn print_json<T: Serialize>(v: &T) -> Result<(), String> {
+pub(super) fn print_json<T: Serialize>(v: &T) -> Result<(), String> {
     println!("{}", serde_json::to_string(v).map_err(|e| e.to_string())?);
     Ok(())
 }
 
 /// One JSON document, indented, for people reading `--json` output.
-pub fn print_json_pretty<T: Serialize>(v: &T) -> Result<(), String> {
+pub(super) fn print_json_pretty<T: Serialize>(v: &T) -> Result<(), String> {
     println!(
         "{}",
         serde_json::to_string_pretty(v).map_err(|e| e.to_string())?

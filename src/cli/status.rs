@@ -12,7 +12,7 @@ client_args! {
     pub struct StatusArgs {}
 }
 
-pub fn run(args: StatusArgs) -> Result<ExitCode, String> {
+pub(super) fn run(args: StatusArgs) -> Result<ExitCode, String> {
     let common = args.common(Common::default());
     let s = common.client()?.status()?;
     if common.json {

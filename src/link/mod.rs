@@ -235,6 +235,14 @@ pub struct Link {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("connected", &self.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
 struct Inner {
     client: AsyncClient,
     shared: Arc<Shared>,

@@ -419,7 +419,7 @@ fn oversized(e: &ConnectionError) -> Option<usize> {
 
 /// A poisoned lock only means a panic elsewhere; the list is still sound.
 pub(super) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Puts a connection error into lower-case words and classifies it.

@@ -60,7 +60,7 @@ pub(super) fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, LinkE
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, LinkError> {
     let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .and_then(std::iter::Iterator::collect::<Result<Vec<_>, _>>)
         .map_err(|e| file_error(path, pem_reason(&e)))?;
     if certs.is_empty() {
         return Err(file_error(path, "no pem certificate found".into()));
@@ -199,7 +199,7 @@ fn bare_name(name: &str) -> &str {
 /// `Connection refused` → `connection refused`; an acronym (`TLS: I/O`) stays.
 pub(super) fn lower_first(s: &str) -> String {
     let mut chars = s.chars();
-    let acronym = s.chars().nth(1).is_some_and(|c| c.is_uppercase());
+    let acronym = s.chars().nth(1).is_some_and(char::is_uppercase);
     match chars.next() {
         Some(c) if !acronym => c.to_lowercase().chain(chars).collect(),
         Some(_) => s.to_string(),

@@ -904,7 +904,7 @@ impl Node {
         out: &mut Vec<OutPayload>,
     ) -> Result<(), StoreError> {
         let mut asks = Vec::new();
-        for (peer, a) in self.asking.iter_mut() {
+        for (peer, a) in &mut self.asking {
             if a.at_ms <= now_ms && !self.owed.contains_key(peer) {
                 asks.push(peer.clone());
                 a.at_ms = now_ms + a.backoff_ms;

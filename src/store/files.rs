@@ -63,7 +63,7 @@ pub fn control_lane() -> Lane {
 
 const COLUMNS: &str = "id, direction, peer, file_id, path, size, sha256, chunk_size, n_chunks, next_chunk, state, reason, started_ms, updated_ms, expires_ms, root";
 
-fn transfer(r: &Row) -> rusqlite::Result<(Transfer, String)> {
+fn transfer(r: &Row<'_>) -> rusqlite::Result<(Transfer, String)> {
     let peer: String = r.get(2)?;
     Ok((
         Transfer {
@@ -479,7 +479,7 @@ impl Store {
     }
 }
 
-fn held(r: &Row) -> rusqlite::Result<(HeldFile, String)> {
+fn held(r: &Row<'_>) -> rusqlite::Result<(HeldFile, String)> {
     Ok((
         HeldFile {
             source: Name::new("x").expect("placeholder"),

@@ -205,7 +205,7 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// Brings the database to the newest version, one transaction per step.
-pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+pub(super) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let version = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
         let tx = conn.transaction()?;
@@ -217,6 +217,6 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 }
 
 /// The version a fully migrated database has.
-pub fn latest() -> usize {
+pub(super) fn latest() -> usize {
     MIGRATIONS.len()
 }

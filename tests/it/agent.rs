@@ -102,7 +102,7 @@ fn check_in_order_once(results: &[(i64, i64, String, String)], n: usize, file: &
             // Killed mid-run: it may or may not have appended, but never twice.
             "interrupted" => {
                 if lines.contains(&(i as u64 + 1)) {
-                    expect.push(i as u64 + 1)
+                    expect.push(i as u64 + 1);
                 }
             }
             other => panic!("command {} ended {other}", i + 1),

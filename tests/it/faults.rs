@@ -29,7 +29,7 @@ fn lines(file: &Path) -> Vec<String> {
 /// An exec request as the control socket takes it.
 fn exec(argv: &[&str]) -> CommandSpec {
     CommandSpec::Exec {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
+        argv: argv.iter().map(std::string::ToString::to_string).collect(),
         env: vec![],
         cwd: None,
         stdin: String::new(),

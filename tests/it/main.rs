@@ -2,6 +2,9 @@
 //! library's protocol core in `sim`, real processes (mosquitto, the outpost binary)
 //! through the helpers in `support` everywhere else.
 
+// Helpers shared across this crate's modules are `pub` to each other only.
+#![allow(unreachable_pub)]
+
 mod agent;
 mod cli;
 mod faults;

@@ -394,7 +394,7 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
         }
 
         // The monotonic clock is the virtual one too.
-        for n in nodes.iter_mut() {
+        for n in &mut nodes {
             n.node.as_mut().unwrap().tick(Mono { ms: now, boot: 1 });
         }
 
@@ -846,7 +846,7 @@ fn simulated_faults_never_lose_duplicate_or_reorder_commands_and_results() {
         }
     };
     let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
+        .map(std::num::NonZero::get)
         .unwrap_or(1)
         .min(4);
     let chunks: Vec<Vec<u64>> = (0..threads)

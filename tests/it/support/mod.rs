@@ -82,7 +82,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, cond: impl FnMut() -> Option<T
 /// deadline (`timeout` scaled by [`slow_factor`]).
 #[track_caller]
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    wait_for(what, timeout, || cond().then_some(()))
+    wait_for(what, timeout, || cond().then_some(()));
 }
 
 /// Waits for `child` to exit; panics (after killing it) at the deadline.

@@ -126,12 +126,12 @@ impl Capture {
 
 /// Publishes `payload` once (QoS 1) on `topic`, with the real `mosquitto_pub`.
 pub fn publish(broker: &Broker, topic: &str, payload: &[u8], dir: &Path) {
-    publish_with(broker, topic, payload, dir, false)
+    publish_with(broker, topic, payload, dir, false);
 }
 
 /// Publishes `payload` as the retained message of `topic`.
 pub fn publish_retained(broker: &Broker, topic: &str, payload: &[u8], dir: &Path) {
-    publish_with(broker, topic, payload, dir, true)
+    publish_with(broker, topic, payload, dir, true);
 }
 
 fn publish_with(broker: &Broker, topic: &str, payload: &[u8], dir: &Path, retain: bool) {

@@ -43,7 +43,7 @@ impl Agent {
             name: name.into(),
             dir: base.join(name),
             broker_url: broker_url.into(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra: extra.iter().map(std::string::ToString::to_string).collect(),
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -227,7 +227,7 @@ impl Agent {
             lane: Some(lane.into()),
             ttl_s,
             command: CommandSpec::Exec {
-                argv: argv.iter().map(|s| s.to_string()).collect(),
+                argv: argv.iter().map(std::string::ToString::to_string).collect(),
                 env: vec![],
                 cwd: None,
                 stdin: String::new(),

@@ -421,7 +421,7 @@ fn pump(shared: &Shared, conn: &Conn, dir: Dir, mut from: TcpStream, mut to: Tcp
         mode = shared
             .mode_changed
             .wait_timeout(mode, MAX_WAIT)
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .0;
     }
     drop(mode);
@@ -530,5 +530,5 @@ impl Conn {
 /// Locks a mutex, ignoring poisoning: a panicked pump must not take the test's
 /// view of the proxy down with it.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
