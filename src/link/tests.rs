@@ -72,3 +72,11 @@ fn tls_errors_read_clearly() {
         assert!(text.contains(expect), "{e:?}: {text}");
     }
 }
+
+#[test]
+fn error_words_start_lower_case_but_acronyms_keep_theirs() {
+    use super::tls::lower_first;
+    assert_eq!(lower_first("Connection refused"), "connection refused");
+    assert_eq!(lower_first("TLS: I/O error"), "TLS: I/O error");
+    assert_eq!(lower_first(""), "");
+}

@@ -458,6 +458,13 @@ fn http_get_fetches_from_the_nodes_network_with_status_headers_and_body() {
     assert_eq!(v["status"], "ok");
     assert_eq!(v["stdout"], "hello");
     assert_eq!(v["http_status"], 200);
+    // `send --json` carries the headers as `jobs show --json` does.
+    let sent = v["http_headers"].as_array().unwrap();
+    assert!(
+        sent.iter()
+            .any(|h| h[0] == "x-outpost-test" && h[1] == "yes"),
+        "{v}"
+    );
     let job = rig.central.job(v["job"].as_i64().unwrap());
     let headers = job["targets"][0]["result"]["http_headers"]
         .as_array()
