@@ -279,6 +279,12 @@ impl Node {
         &self.store
     }
 
+    /// Still asking some trusted peer for a handshake (a new store announcing
+    /// itself, a peer not yet synchronised with).
+    pub fn is_handshaking(&self) -> bool {
+        !self.asking.is_empty()
+    }
+
     /// Peers trusted with `files` (pushing files here, fetching shared ones).
     pub fn set_files_peers(&mut self, peers: BTreeSet<Name>) {
         self.files_peers = peers;

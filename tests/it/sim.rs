@@ -618,6 +618,11 @@ fn settled(nodes: &[SimNode]) -> Result<bool, String> {
         if strict && open.iter().any(|t| !t.finished()) {
             return Ok(false);
         }
+        // A store that is still announcing itself (after a loss, with nothing to
+        // send) has not been heard yet: its peers may believe in work it lost.
+        if n.node.as_ref().unwrap().is_handshaking() {
+            return Ok(false);
+        }
         // A store met but not yet synchronised with may still owe results.
         if n.node
             .as_ref()
