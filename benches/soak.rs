@@ -27,7 +27,7 @@ use outpost::control::{CommandSpec, Request};
 use support::broker::Broker;
 use support::mqtt::{flood, Capture};
 use support::outpost::{introduce, Agent};
-use support::{wait_for, TempDir};
+use support::{wait_for, Rng, TempDir};
 
 const LONG: Duration = Duration::from_secs(600);
 
@@ -57,19 +57,6 @@ fn numbers(file: &Path) -> Vec<usize> {
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect()
-}
-
-/// splitmix64, seeded: the same kills every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
 }
 
 fn kills() {

@@ -145,7 +145,7 @@ fn run_in(dir: &Path, mosquitto: &Path) -> Result<(), String> {
             timeout_ms: None,
             rerun: false,
         };
-        let reply = client(&central)?.send("node-a,node-b", None, None, spec)?;
+        let reply = Client::connect(&central)?.send("node-a,node-b", None, None, spec)?;
         jobs.push(reply.job);
     }
     wait("node-a's results", Duration::from_secs(30), || {
@@ -155,7 +155,7 @@ fn run_in(dir: &Path, mosquitto: &Path) -> Result<(), String> {
         println!("   node-a: {line}");
     }
     println!("   node-b: (nothing yet: its 5 commands wait in central's outbox)");
-    for o in client(&central)?.status()?.outbox {
+    for o in Client::connect(&central)?.status()?.outbox {
         println!("   central outbox to {}: {} frames", o.peer, o.frames);
     }
 
@@ -194,12 +194,8 @@ fn introduce(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn client(state: &Path) -> Result<Client, String> {
-    Client::connect(state)
-}
-
 fn online(state: &Path) -> Result<Vec<String>, String> {
-    let s = client(state)?.status()?;
+    let s = Client::connect(state)?.status()?;
     Ok(s.peers
         .into_iter()
         .filter(|p| p.online)
@@ -208,7 +204,7 @@ fn online(state: &Path) -> Result<Vec<String>, String> {
 }
 
 fn results_for(state: &Path, jobs: &[i64], node: &str) -> Result<Vec<String>, String> {
-    let mut c = client(state)?;
+    let mut c = Client::connect(state)?;
     let mut out = Vec::new();
     for id in jobs {
         for t in c.job(*id)?.targets {

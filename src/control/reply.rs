@@ -123,18 +123,6 @@ pub struct JobView {
     pub targets: Vec<TargetView>,
 }
 
-impl JobView {
-    /// Targets with a result so far.
-    pub fn results(&self) -> usize {
-        self.targets.iter().filter(|t| t.result.is_some()).count()
-    }
-
-    /// Every target has a result.
-    pub fn done(&self) -> bool {
-        self.targets.iter().all(|t| t.result.is_some())
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TargetView {
     pub node: String,
