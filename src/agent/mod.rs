@@ -83,12 +83,13 @@ struct Running {
 
 /// Runs the agent until the process is killed. Errors are start-up failures.
 pub fn run(cfg: Config) -> Result<(), String> {
+    os::prepare_state_dir(&cfg.state_dir)?;
+    // While it waits for the lock, SIGTERM still ends the process at once.
+    let _lock = os::lock_state_dir(&cfg.state_dir)?;
     // Before any thread exists, so that every thread inherits it: SIGTERM and
     // SIGINT are taken by one thread that tells the loop (children start with a
     // clear mask, std resets it).
     let signals = os::block_stop_signals();
-    os::prepare_state_dir(&cfg.state_dir)?;
-    let _lock = os::lock_state_dir(&cfg.state_dir)?;
     // Whatever an agent that died on this state directory left running is killed
     // before anything of its streams runs again.
     let tag = os::agent_tag(&cfg.state_dir);

@@ -431,6 +431,36 @@ fn a_second_agent_on_one_state_directory_says_at_once_whose_lock_it_waits_for() 
     assert!(line.contains(&want), "{line}");
     let status = second.0.wait().unwrap();
     assert_eq!(status.code(), Some(2));
+    // While it waits, SIGTERM stops it at once (it owns nothing yet).
+    let mut third = KillOnDrop(
+        Command::new(BIN)
+            .args([
+                "agent",
+                "--name",
+                "central",
+                "--broker",
+                &rig.broker.url(),
+                "--state-dir",
+            ])
+            .arg(&rig.central.dir)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut third_err = BufReader::new(third.0.stderr.take().unwrap());
+    let mut waiting = String::new();
+    third_err.read_line(&mut waiting).unwrap();
+    assert!(waiting.contains("waiting"), "{waiting}");
+    let asked = std::time::Instant::now();
+    // SAFETY: signalling a child we started.
+    unsafe { libc::kill(third.0.id() as i32, libc::SIGTERM) };
+    let ended = third.0.wait().unwrap();
+    assert_eq!(ended.signal(), Some(libc::SIGTERM));
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
     assert!(
