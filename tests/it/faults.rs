@@ -9,11 +9,10 @@ use std::time::Duration;
 use serde_json::Value;
 
 use outpost::control::{CommandSpec, Request};
-use outpost::seal::Header;
 
 use crate::agent::{introduce, outpost, Agent};
 use crate::support::broker::Broker;
-use crate::support::mqtt::{flood, publish, publish_retained, Capture};
+use crate::support::mqtt::{assert_no_nonce_reused, flood, publish, publish_retained, Capture};
 use crate::support::{wait_for, wait_until, TempDir};
 
 const LONG: Duration = Duration::from_secs(120);
@@ -180,39 +179,6 @@ fn a_path_limited_exec_runs_clean_and_refuses_bash_env_ld_preload_stdin_and_othe
     );
     assert_eq!(r["status"], "rejected", "{r}");
     drop(ship);
-}
-
-/// Everything captured on inbox topics, as (sender, sender epoch, receiver,
-/// counter) nonces: panics if one nonce sealed two different payloads.
-fn assert_no_nonce_reused(capture: &Capture) -> usize {
-    use std::collections::BTreeMap;
-    let mut by_nonce: BTreeMap<(String, u64, String, u64), Vec<u8>> = BTreeMap::new();
-    let mut epochs: BTreeMap<String, u64> = BTreeMap::new();
-    let mut n = 0;
-    for (topic, bytes) in capture.all() {
-        let Some(receiver) = topic
-            .strip_suffix("/in")
-            .and_then(|t| t.rsplit('/').next())
-            .map(|r| outpost::frame::Name::new(r).unwrap())
-        else {
-            continue;
-        };
-        let (h, _) = Header::parse(&bytes, &receiver).expect("sealed");
-        if let Some(e) = h.sender_epoch {
-            epochs.insert(h.sender.to_string(), e);
-        }
-        let key = (
-            h.sender.to_string(),
-            epochs[h.sender.as_str()],
-            receiver.to_string(),
-            h.counter,
-        );
-        if let Some(prev) = by_nonce.insert(key.clone(), bytes.clone()) {
-            assert_eq!(prev, bytes, "nonce {key:?} sealed two different payloads");
-        }
-        n += 1;
-    }
-    n
 }
 
 #[test]

@@ -16,7 +16,7 @@ use outpost::seal::{self, Header};
 
 use crate::agent::{introduce, outpost, Agent};
 use crate::support::broker::Broker;
-use crate::support::mqtt::{publish, Capture};
+use crate::support::mqtt::{assert_no_nonce_reused, publish, Capture};
 use crate::support::{wait_for, wait_until, TempDir};
 
 const LONG: Duration = Duration::from_secs(120);
@@ -338,35 +338,7 @@ fn killing_senders_mid_stream_never_reuses_a_nonce() {
         let r = central.results(total + 10);
         (r.len() >= total as usize).then_some(())
     });
-    // A nonce is (sender, sender's store epoch, receiver, counter): a header says
-    // its sender's epoch until the receiver knows it, and it changes only with a
-    // new store, whose first payloads always say it.
-    let mut by_nonce: BTreeMap<(String, u64, String, u64), Vec<u8>> = BTreeMap::new();
-    let mut epochs: BTreeMap<String, u64> = BTreeMap::new();
-    let mut n = 0;
-    for (topic, bytes) in capture.all() {
-        // Inbox topics are `outpost/RECEIVER/in`; the header does not repeat it.
-        let receiver = topic.split('/').nth(1).map(name);
-        let Some(receiver) = receiver.filter(|_| topic.ends_with("/in")) else {
-            continue;
-        };
-        let (h, _) = Header::parse(&bytes, &receiver)
-            .unwrap_or_else(|e| panic!("{topic}: unsealed payload on the broker: {e}"));
-        n += 1;
-        if let Some(e) = h.sender_epoch {
-            epochs.insert(h.sender.to_string(), e);
-        }
-        let epoch = epochs[h.sender.as_str()];
-        let key = (
-            h.sender.to_string(),
-            epoch,
-            h.receiver.to_string(),
-            h.counter,
-        );
-        if let Some(prev) = by_nonce.insert(key.clone(), bytes.clone()) {
-            assert_eq!(prev, bytes, "nonce {key:?} used for two different payloads");
-        }
-    }
+    let n = assert_no_nonce_reused(&capture);
     assert!(n > 50, "captured {n} payloads");
 }
 

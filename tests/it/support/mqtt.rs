@@ -194,3 +194,41 @@ pub fn flood(broker: &Broker, messages: impl Iterator<Item = (String, Vec<u8>)>)
         .unwrap();
     pump.join().unwrap();
 }
+
+/// Everything captured on inbox topics, as (sender, sender epoch, receiver,
+/// counter) nonces: panics if one nonce sealed two different payloads, or if an
+/// inbox payload is not sealed at all. Returns how many payloads it read.
+///
+/// A header says its sender's epoch until the receiver knows it, and the epoch
+/// changes only with a new store, whose first payloads always say it.
+pub fn assert_no_nonce_reused(capture: &Capture) -> usize {
+    use std::collections::BTreeMap;
+    let mut by_nonce: BTreeMap<(String, u64, String, u64), Vec<u8>> = BTreeMap::new();
+    let mut epochs: BTreeMap<String, u64> = BTreeMap::new();
+    let mut n = 0;
+    for (topic, bytes) in capture.all() {
+        let Some(receiver) = topic
+            .strip_suffix("/in")
+            .and_then(|t| t.rsplit('/').next())
+            .map(|r| outpost::frame::Name::new(r).unwrap())
+        else {
+            continue;
+        };
+        let (h, _) = outpost::seal::Header::parse(&bytes, &receiver)
+            .unwrap_or_else(|e| panic!("{topic}: unsealed payload on the broker: {e}"));
+        if let Some(e) = h.sender_epoch {
+            epochs.insert(h.sender.to_string(), e);
+        }
+        let key = (
+            h.sender.to_string(),
+            epochs[h.sender.as_str()],
+            receiver.to_string(),
+            h.counter,
+        );
+        if let Some(prev) = by_nonce.insert(key.clone(), bytes.clone()) {
+            assert_eq!(prev, bytes, "nonce {key:?} sealed two different payloads");
+        }
+        n += 1;
+    }
+    n
+}
