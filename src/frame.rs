@@ -232,6 +232,48 @@ pub enum Body {
     Withdrawn {
         reason: String,
     },
+    /// "Do not run my command `seq` on `lane`": sent on the control lane, so it
+    /// may arrive before the command (then the command is cancelled when it
+    /// comes). `stop` also stops it if it is already running; without it (a
+    /// superseded command) a command that started is left to finish.
+    Cancel {
+        lane: Lane,
+        seq: u64,
+        stop: bool,
+        reason: String,
+    },
+    /// Facts about the sender (see [`Facts`]).
+    Facts(Facts),
+    /// Errors the sender met, deduplicated: each entry counts repeats of one kind
+    /// and text since it was last reported.
+    Errors(Vec<ErrorEntry>),
+}
+
+/// Facts about a node, as a change against the facts it sent before on the same
+/// stream (which the receiver has, as the stream delivers every frame once and in
+/// order), or all of them when `full`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Facts {
+    /// Everything the sender knows is in `set`: facts the receiver holds that are
+    /// not in it are gone.
+    pub full: bool,
+    /// Facts new or changed, `key = value`.
+    pub set: Vec<(String, String)>,
+    /// Keys no longer reported.
+    pub unset: Vec<String>,
+}
+
+/// One kind of error, as [`Body::Errors`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorEntry {
+    /// What failed: `store`, `disk`, `rejected`, `facts`, `spawn`, ...
+    pub kind: String,
+    pub text: String,
+    /// How many times since the last report (at least 1).
+    pub count: u32,
+    /// First and last time, the sender's unix milliseconds.
+    pub first_ms: u64,
+    pub last_ms: u64,
 }
 
 /// One side's view of its streams with a peer; see [`Body::Sync`].
@@ -330,11 +372,20 @@ pub enum Method {
     HttpGet,
     /// Pushing files to a node and fetching its shared files.
     Files,
+    /// Receiving this node's facts and error reports (not a command: the node
+    /// sends them unasked to the peers it trusts with it).
+    Facts,
 }
 
 impl Method {
     /// Every method, in the order help texts list them.
-    pub const ALL: [Method; 4] = [Method::Exec, Method::Ping, Method::HttpGet, Method::Files];
+    pub const ALL: [Method; 5] = [
+        Method::Exec,
+        Method::Ping,
+        Method::HttpGet,
+        Method::Files,
+        Method::Facts,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -342,6 +393,7 @@ impl Method {
             Method::Ping => "ping",
             Method::HttpGet => "http-get",
             Method::Files => "files",
+            Method::Facts => "facts",
         }
     }
 

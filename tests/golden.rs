@@ -14,8 +14,8 @@
 #![allow(unreachable_pub)]
 
 use outpost::frame::{
-    self, Body, CmdResult, Command, Envelope, Exec, FileOffer, FileState, HttpGet, HttpReply, Lane,
-    Name, SentStream, Status, Sync,
+    self, Body, CmdResult, Command, Envelope, ErrorEntry, Exec, Facts, FileOffer, FileState,
+    HttpGet, HttpReply, Lane, Name, SentStream, Status, Sync,
 };
 
 fn name(s: &str) -> Name {
@@ -316,6 +316,36 @@ fn bodies() -> Vec<(&'static str, Body, &'static str)> {
             },
             "0d  03 74746c",
         ),
+        (
+            "cancel",
+            Body::Cancel {
+                lane: Lane::new("ordered").unwrap(),
+                seq: 4,
+                stop: true,
+                reason: "op".into(),
+            },
+            "0e  07 6f726465726564 04 01 02 6f70",
+        ),
+        (
+            "facts",
+            Body::Facts(Facts {
+                full: false,
+                set: vec![("os".into(), "openwrt".into())],
+                unset: vec!["ip".into()],
+            }),
+            "0f  00 01 02 6f73 07 6f70656e777274 01 02 6970",
+        ),
+        (
+            "errors",
+            Body::Errors(vec![ErrorEntry {
+                kind: "disk".into(),
+                text: "full".into(),
+                count: 3,
+                first_ms: 1,
+                last_ms: 2,
+            }]),
+            "10  01 04 6469736b 04 66756c6c 03 01 02",
+        ),
     ]
 }
 
@@ -351,6 +381,9 @@ fn body_index(body: &Body) -> u8 {
         Body::Sync(_) => 11,
         Body::Nack { .. } => 12,
         Body::Withdrawn { .. } => 13,
+        Body::Cancel { .. } => 14,
+        Body::Facts(_) => 15,
+        Body::Errors(_) => 16,
     }
 }
 
@@ -387,7 +420,7 @@ fn the_table_covers_every_variant_with_its_discriminant() {
     }
     let mut bodies: Vec<u8> = rows.iter().map(|(_, b, _)| body_index(b)).collect();
     bodies.dedup();
-    assert_eq!(bodies, (0..14).collect::<Vec<u8>>());
+    assert_eq!(bodies, (0..17).collect::<Vec<u8>>());
     let commands: Vec<&str> = rows
         .iter()
         .filter_map(|(_, b, _)| match b {

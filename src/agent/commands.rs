@@ -87,7 +87,7 @@ pub(super) fn command_of(spec: CommandSpec) -> Result<(Command, String), String>
 pub(super) fn result_view(r: &CmdResult, job: &Job, at_ms: Option<u64>) -> ResultView {
     let rtt_ms = match job.method {
         Method::Ping => at_ms.map(|a| a.saturating_sub(job.created_ms)),
-        Method::Exec | Method::HttpGet | Method::Files => None,
+        Method::Exec | Method::HttpGet | Method::Files | Method::Facts => None,
     };
     ResultView {
         status: r.status.as_str().into(),

@@ -395,7 +395,7 @@ impl Node {
                     }
                     out.taken += 1;
                 }
-                Body::Withdrawn { .. } => {
+                Body::Withdrawn { .. } | Body::Cancel { .. } | Body::Facts(_) | Body::Errors(_) => {
                     self.store.consume(&inbound)?;
                     out.taken += 1;
                 }
