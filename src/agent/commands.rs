@@ -18,7 +18,7 @@ use crate::exec;
 use crate::frame::{self, CmdResult, Command, Exec, HttpGet, Lane, Method, Name, Status};
 use crate::store::{Inbound, Job, StoreError};
 use crate::trust::{self, ExecPolicy};
-use crate::{debug, warn};
+use crate::{debug, info, warn};
 
 /// A command still running this long after it started is announced to its sender,
 /// so `outpost jobs` can say `running`; quicker ones cost no extra bytes.
@@ -184,9 +184,34 @@ impl Agent {
                 started_ms: now,
                 announced: false,
                 cancel,
+                cancelled: None,
             },
         );
         Ok(())
+    }
+
+    /// Stops a running command its sender cancelled; it then reports `cancelled`.
+    pub(super) fn stop_cancelled(&mut self, c: crate::node::Cancel) {
+        let Some(r) = self
+            .running
+            .get_mut(&(c.peer.clone(), c.lane.clone(), c.seq))
+        else {
+            return;
+        };
+        match &r.cancel {
+            Some(canceller) => {
+                info!(
+                    "{} cancelled {}#{} while it ran: stopping it",
+                    c.peer, c.lane, c.seq
+                );
+                r.cancelled = Some(c.reason);
+                canceller.cancel();
+            }
+            None => info!(
+                "{} cancelled {}#{} ({}), which cannot be stopped: it finishes by itself",
+                c.peer, c.lane, c.seq, r.method
+            ),
+        }
     }
 
     /// Runs `work` as a task; its result comes back to the loop as [`Msg::Done`].

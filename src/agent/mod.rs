@@ -79,6 +79,8 @@ struct Running {
     announced: bool,
     /// Kills an exec's process group; none for methods that cannot be stopped.
     cancel: Option<exec::Canceller>,
+    /// Why its sender cancelled it, once it did.
+    cancelled: Option<String>,
 }
 
 /// Runs the agent until the process is killed. Errors are start-up failures.
@@ -336,12 +338,19 @@ impl Agent {
                     inbound.env.lane.clone(),
                     inbound.env.seq,
                 );
-                self.running.remove(&key);
+                let running = self.running.remove(&key);
                 if let Some((sig, _)) = self.stopping {
                     if result.status == Status::Cancelled {
                         result.status = Status::Interrupted;
                         result.reason = format!(
                             "the agent was stopped (signal {sig}) while the command ran; it was killed and is not run again"
+                        );
+                    }
+                } else if let Some(why) = running.and_then(|r| r.cancelled) {
+                    if result.status == Status::Cancelled {
+                        result.reason = format!(
+                            "cancelled while it ran on {}; its process group was killed: {why}",
+                            self.cfg.name
                         );
                     }
                 }
@@ -581,6 +590,9 @@ impl Agent {
             }
             self.changed_jobs.ids.extend(ready.jobs_changed);
             in_batch += ready.taken;
+            for c in ready.cancels {
+                self.stop_cancelled(c);
+            }
             let mut started = 0;
             for inbound in ready.commands {
                 let key = (

@@ -7,14 +7,16 @@ use std::collections::BTreeMap;
 use super::commands::{command_of, result_view};
 use super::{Agent, MAX_WAITERS};
 use crate::control::reply::{
-    InboxStatus, JobReply, JobView, JobsReply, LinkStatus, OutboxStatus, PeerStatus, Poisoned,
-    Queued, Reply, RunningStatus, SecurityStatus, SendReply, StatusReply, StoreFailing, StoreLost,
-    StoreStatus, TargetView, TrustedStatus, WaitReply,
+    CancelReply, CancelView, InboxStatus, JobReply, JobView, JobsReply, LinkStatus, OutboxStatus,
+    PeerStatus, Poisoned, PurgeReply, QueueItem, QueueReply, Queued, Reply, RunningStatus,
+    SecurityStatus, SendReply, StatusReply, StoreFailing, StoreLost, StoreStatus, Superseded,
+    TargetView, TrustedStatus, WaitReply,
 };
 use crate::control::{CommandSpec, Request};
 use crate::frame::{self, Body, Lane, Name};
+use crate::info;
 use crate::seal;
-use crate::store::{Job, Outgoing};
+use crate::store::{Cancelled, Job, Outgoing, Waiting};
 use smol::channel::Sender;
 
 impl Agent {
@@ -30,8 +32,14 @@ impl Agent {
                 to,
                 lane,
                 ttl_s,
+                key,
                 command,
-            } => self.send(&to, lane.as_deref(), ttl_s, command, now).map(Reply::Send),
+            } => self
+                .send(&to, lane.as_deref(), ttl_s, key.as_deref(), command, now)
+                .map(Reply::Send),
+            Request::Cancel { id, node } => self.cancel(id, node.as_deref(), now).map(Reply::Cancel),
+            Request::Queue { node, limit } => self.queue(&node, limit, now).map(Reply::Queue),
+            Request::Purge { node, lane } => self.purge(&node, lane.as_deref(), now).map(Reply::Purge),
             Request::Jobs { limit } => self
                 .node
                 .store()
@@ -134,9 +142,15 @@ impl Agent {
         to: &str,
         lane: Option<&str>,
         ttl_s: Option<u32>,
+        key: Option<&str>,
         spec: CommandSpec,
         now: u64,
     ) -> Result<SendReply, String> {
+        if let Some(k) = key {
+            if k.is_empty() || k.len() > 200 {
+                return Err("key: 1 to 200 characters".into());
+            }
+        }
         let lane = match lane {
             Some(l) => Lane::new(l).map_err(|e| format!("lane: {e}"))?,
             None => frame::default_lane(),
@@ -157,7 +171,12 @@ impl Agent {
             .node
             .submit_job(method, &summary, items, now)
             .map_err(|e| e.to_string())?;
+        let superseded = match key {
+            Some(k) => self.supersede(job, k, &targets, now)?,
+            None => Vec::new(),
+        };
         Ok(SendReply {
+            superseded,
             job,
             targets: queued
                 .iter()
@@ -168,6 +187,144 @@ impl Agent {
                 })
                 .collect(),
             notes,
+        })
+    }
+
+    /// Cancels what earlier jobs with `key` still have queued for `targets` and
+    /// has not started; marks job `job` with the key.
+    fn supersede(
+        &mut self,
+        job: i64,
+        key: &str,
+        targets: &[Name],
+        now: u64,
+    ) -> Result<Vec<Superseded>, String> {
+        let err = |e: crate::store::StoreError| e.to_string();
+        self.node.set_job_key(job, key).map_err(err)?;
+        let mut out = Vec::new();
+        for node in targets {
+            for old in self.node.store().superseded(node, key, job).map_err(err)? {
+                let reason = format!("superseded by job {job} (key {key})");
+                let outcome = self.node.cancel(old, node, false, &reason, now);
+                if let Some(Cancelled::Withdrawn | Cancelled::Sent) = outcome.map_err(err)? {
+                    info!("job {old} to {node}: {reason}");
+                    self.changed_jobs.ids.insert(old);
+                    out.push(Superseded {
+                        node: node.to_string(),
+                        job: old,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Cancels job `id` for each of its targets (or `node`'s only).
+    fn cancel(&mut self, id: i64, node: Option<&str>, now: u64) -> Result<CancelReply, String> {
+        let err = |e: crate::store::StoreError| e.to_string();
+        let job = self
+            .node
+            .store()
+            .job(id)
+            .map_err(err)?
+            .ok_or(format!("no job {id}"))?;
+        let nodes: Vec<Name> = match node {
+            Some(n) => {
+                let n = Name::new(n).map_err(|e| format!("node: {e}"))?;
+                if !job.targets.iter().any(|t| t.node == n) {
+                    return Err(format!("job {id} has no target {n}"));
+                }
+                vec![n]
+            }
+            None => job.targets.iter().map(|t| t.node.clone()).collect(),
+        };
+        let reason = format!("cancelled by {}", self.cfg.name);
+        let mut targets = Vec::new();
+        for n in nodes {
+            let outcome = self.node.cancel(id, &n, true, &reason, now).map_err(err)?;
+            let Some(outcome) = outcome else { continue };
+            if !matches!(outcome, Cancelled::Finished(_)) {
+                info!("job {id} to {n}: {} ({reason})", outcome.as_str());
+            }
+            targets.push((n, outcome));
+        }
+        self.changed_jobs.ids.insert(id);
+        let job = self
+            .node
+            .store()
+            .job(id)
+            .map_err(err)?
+            .ok_or(format!("no job {id}"))?;
+        Ok(CancelReply {
+            job: id,
+            targets: targets
+                .into_iter()
+                .map(|(n, outcome)| CancelView {
+                    state: job
+                        .targets
+                        .iter()
+                        .find(|t| t.node == n)
+                        .map(|t| t.state.clone())
+                        .unwrap_or_default(),
+                    node: n.to_string(),
+                    outcome: outcome.as_str().into(),
+                })
+                .collect(),
+        })
+    }
+
+    /// What waits between this agent and `node`.
+    fn queue(&self, node: &str, limit: Option<u32>, now: u64) -> Result<QueueReply, String> {
+        let node = Name::new(node).map_err(|e| format!("node: {e}"))?;
+        let (to, from) = self
+            .node
+            .store()
+            .waiting_for(&node, limit.unwrap_or(1000))
+            .map_err(|e| e.to_string())?;
+        let view = |w: Waiting| QueueItem {
+            job: w.job,
+            lane: w.lane.to_string(),
+            seq: w.seq,
+            state: w.state,
+            what: w.what,
+            age_ms: now.saturating_sub(w.since_ms),
+        };
+        Ok(QueueReply {
+            node: node.to_string(),
+            to: to.into_iter().map(view).collect(),
+            from: from.into_iter().map(view).collect(),
+        })
+    }
+
+    /// Cancels every unfinished job for `node` (on `lane`).
+    fn purge(&mut self, node: &str, lane: Option<&str>, now: u64) -> Result<PurgeReply, String> {
+        let err = |e: crate::store::StoreError| e.to_string();
+        let node = Name::new(node).map_err(|e| format!("node: {e}"))?;
+        let lane = lane
+            .map(|l| Lane::new(l).map_err(|e| format!("lane: {e}")))
+            .transpose()?;
+        let reason = format!("purged by {}", self.cfg.name);
+        let mut jobs = Vec::new();
+        for id in self
+            .node
+            .store()
+            .unfinished_jobs(&node, lane.as_ref())
+            .map_err(err)?
+        {
+            if let Some(Cancelled::Withdrawn | Cancelled::Sent) = self
+                .node
+                .cancel(id, &node, true, &reason, now)
+                .map_err(err)?
+            {
+                self.changed_jobs.ids.insert(id);
+                jobs.push(id);
+            }
+        }
+        info!("purged {} job(s) for {node}", jobs.len());
+        Ok(PurgeReply {
+            node: node.to_string(),
+            cancelled: jobs.len(),
+            jobs,
         })
     }
 

@@ -23,6 +23,7 @@ client_args! {
 #[argh(subcommand)]
 pub enum JobsCmd {
     Show(JobsShow),
+    Cancel(JobsCancel),
 }
 
 client_args! {
@@ -38,10 +39,27 @@ client_args! {
     }
 }
 
+client_args! {
+    /// cancel a job wherever it is: outpost jobs cancel ID [--node NAME] (what has
+    /// not started never runs; a running command is stopped; exit 1 when every
+    /// target had finished already)
+    #[argh(subcommand, name = "cancel")]
+    pub struct JobsCancel {
+        /// only this target of the job
+        #[argh(option)]
+        pub node: Option<String>,
+        /// job id
+        #[argh(positional)]
+        pub id: i64,
+    }
+}
+
 pub(super) fn run(args: JobsArgs) -> Result<ExitCode, String> {
     let parent = args.common(Common::default());
-    if let Some(JobsCmd::Show(show)) = args.show {
-        return run_show(show, parent);
+    match args.show {
+        Some(JobsCmd::Show(show)) => return run_show(show, parent),
+        Some(JobsCmd::Cancel(cancel)) => return run_cancel(cancel, parent),
+        None => {}
     }
     let mut client = parent.client()?;
     let jobs = client.jobs(Some(args.limit))?;
@@ -102,6 +120,34 @@ fn run_show(show: JobsShow, parent: Common) -> Result<ExitCode, String> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn run_cancel(cancel: JobsCancel, parent: Common) -> Result<ExitCode, String> {
+    let common = cancel.common(parent);
+    let mut client = common.client()?;
+    let reply = client.cancel(cancel.id, cancel.node.as_deref())?;
+    let changed = reply.targets.iter().any(|t| t.outcome != "finished");
+    if common.json {
+        print_json_pretty(&reply)?;
+    } else {
+        for t in &reply.targets {
+            let says = match t.outcome.as_str() {
+                "withdrawn" => "cancelled: withdrawn from the outbox before the node acknowledged it (a cancel follows in case it was on its way)".into(),
+                "cancel-sent" => format!(
+                    "cancel sent ({}); the node answers where it caught it",
+                    t.state
+                ),
+                "cancelling" => "a cancel was sent before; waiting for the node's answer".into(),
+                _ => format!("already finished ({}): nothing changed", t.state),
+            };
+            println!("{}: {says}", t.node);
+        }
+    }
+    Ok(if changed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// `42s`, `5m`, `3h`, `2d`: how long ago, for a table.

@@ -20,6 +20,7 @@ mod agent;
 mod files;
 mod jobs;
 mod keys;
+mod queue;
 mod send;
 mod status;
 
@@ -91,6 +92,7 @@ pub enum Cmd {
     Agent(agent::AgentArgs),
     Send(send::SendArgs),
     Jobs(jobs::JobsArgs),
+    Queue(queue::QueueArgs),
     Status(status::StatusArgs),
     Config(ConfigArgs),
     Keys(keys::KeysArgs),
@@ -184,6 +186,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
         Cmd::Agent(args) => agent::run(args),
         Cmd::Send(args) => send::run(args),
         Cmd::Jobs(args) => jobs::run(args),
+        Cmd::Queue(args) => queue::run(args),
         Cmd::Status(args) => status::run(args),
         Cmd::Config(c) => match c.cmd {
             ConfigCmd::Check(check) => config_check(check),

@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::{client_args, duration_flag, Common};
 use crate::config;
 use crate::control::reply::{JobView, ResultView};
-use crate::control::{Client, CommandSpec};
+use crate::control::{Client, CommandSpec, Request};
 
 /// Largest stdin `send` passes to a command (it travels in one frame).
 pub(super) const MAX_STDIN: usize = 256 * 1024;
@@ -35,6 +35,10 @@ client_args! {
         /// print the job id and return at once
         #[argh(switch, long = "async")]
         pub no_wait: bool,
+        /// latest wins: cancel an earlier command with this key to the same node
+        /// that has not started yet
+        #[argh(option)]
+        pub key: Option<String>,
         #[argh(subcommand)]
         pub method: MethodArgs,
     }
@@ -96,9 +100,18 @@ pub(super) fn run(args: SendArgs) -> Result<ExitCode, String> {
         .map(|d| d.as_secs().clamp(1, u64::from(u32::MAX)) as u32);
     let command = command_spec(args.method, timeout_ms)?;
     let mut client = common.client()?;
-    let reply = client.send(&args.to, Some(&args.lane), ttl_s, command)?;
+    let reply = client.submit(&Request::Send {
+        to: args.to.clone(),
+        lane: Some(args.lane.clone()),
+        ttl_s,
+        key: args.key.clone(),
+        command,
+    })?;
     for note in &reply.notes {
         eprintln!("outpost: {note}");
+    }
+    for s in &reply.superseded {
+        eprintln!("outpost: superseded job {} for {}", s.job, s.node);
     }
     if args.no_wait {
         if common.json {
@@ -106,10 +119,13 @@ pub(super) fn run(args: SendArgs) -> Result<ExitCode, String> {
             struct Async<'a> {
                 job: i64,
                 targets: &'a [crate::control::reply::Queued],
+                #[serde(skip_serializing_if = "<[_]>::is_empty")]
+                superseded: &'a [crate::control::reply::Superseded],
             }
             print_json(&Async {
                 job: reply.job,
                 targets: &reply.targets,
+                superseded: &reply.superseded,
             })?;
         } else {
             println!("{}", reply.job);

@@ -10,8 +10,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::reply::{
-    FilesGetReply, FilesListReply, FilesPutReply, FilesRmReply, JobReply, JobView, JobsReply,
-    SendReply, StatusReply, TransferReply, TransferView, WaitReply,
+    CancelReply, FilesGetReply, FilesListReply, FilesPutReply, FilesRmReply, JobReply, JobView,
+    JobsReply, PurgeReply, QueueReply, SendReply, StatusReply, TransferReply, TransferView,
+    WaitReply,
 };
 use super::{socket_path, CommandSpec, Request};
 
@@ -58,7 +59,40 @@ impl Client {
             to: to.into(),
             lane: lane.map(Into::into),
             ttl_s,
+            key: None,
             command,
+        };
+        self.submit(&req)
+    }
+
+    /// A `send` with every option: `req` must be a [`Request::Send`].
+    pub fn submit(&mut self, req: &Request) -> Result<SendReply, String> {
+        self.typed(req, CALL)
+    }
+
+    /// Cancels job `id` (for `node` only, if given).
+    pub fn cancel(&mut self, id: i64, node: Option<&str>) -> Result<CancelReply, String> {
+        let req = Request::Cancel {
+            id,
+            node: node.map(Into::into),
+        };
+        self.typed(&req, CALL)
+    }
+
+    /// What waits between this agent and `node`.
+    pub fn queue(&mut self, node: &str, limit: Option<u32>) -> Result<QueueReply, String> {
+        let req = Request::Queue {
+            node: node.into(),
+            limit,
+        };
+        self.typed(&req, CALL)
+    }
+
+    /// Cancels every unfinished job for `node` (on `lane`, if given).
+    pub fn purge(&mut self, node: &str, lane: Option<&str>) -> Result<PurgeReply, String> {
+        let req = Request::Purge {
+            node: node.into(),
+            lane: lane.map(Into::into),
         };
         self.typed(&req, CALL)
     }

@@ -38,7 +38,29 @@ pub enum Request {
         lane: Option<String>,
         #[serde(default)]
         ttl_s: Option<u32>,
+        /// Supersedes: an earlier command with this key to the same node that has
+        /// not started is cancelled by this one.
+        #[serde(default)]
+        key: Option<String>,
         command: CommandSpec,
+    },
+    /// Cancel job `id` everywhere it is (for `node` only, if given).
+    Cancel {
+        id: i64,
+        #[serde(default)]
+        node: Option<String>,
+    },
+    /// What waits to go to `node` and what waits here from it.
+    Queue {
+        node: String,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    /// Cancel every unfinished job for `node` (on `lane` only, if given).
+    Purge {
+        node: String,
+        #[serde(default)]
+        lane: Option<String>,
     },
     /// Jobs, newest first.
     Jobs {

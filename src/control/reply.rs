@@ -25,6 +25,9 @@ pub enum Reply {
     FilesList(FilesListReply),
     Transfer(TransferReply),
     FilesRm(FilesRmReply),
+    Cancel(CancelReply),
+    Queue(QueueReply),
+    Purge(PurgeReply),
     Error(String),
 }
 
@@ -62,6 +65,9 @@ impl Reply {
             Reply::FilesList(r) => ok(r),
             Reply::Transfer(r) => ok(r),
             Reply::FilesRm(r) => ok(r),
+            Reply::Cancel(r) => ok(r),
+            Reply::Queue(r) => ok(r),
+            Reply::Purge(r) => ok(r),
             Reply::Error(e) => serde_json::to_vec(&Failed {
                 ok: false,
                 error: e,
@@ -83,6 +89,63 @@ pub struct SendReply {
     pub targets: Vec<Queued>,
     /// Targets not online, and the like: for the operator, not errors.
     pub notes: Vec<String>,
+    /// Jobs whose command this one superseded (`key`), per node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub superseded: Vec<Superseded>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Superseded {
+    pub node: String,
+    pub job: i64,
+}
+
+/// `cancel`: what became of each target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelReply {
+    pub job: i64,
+    pub targets: Vec<CancelView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelView {
+    pub node: String,
+    /// `withdrawn` (it was still here: it never runs), `cancel-sent` (the node
+    /// answers where it caught it), `cancelling` (sent before), `finished`
+    /// (nothing changed).
+    pub outcome: String,
+    /// The target's state now.
+    pub state: String,
+}
+
+/// `queue`: what waits between this agent and one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueReply {
+    pub node: String,
+    /// To the node: unfinished jobs, then other frames not yet acknowledged.
+    pub to: Vec<QueueItem>,
+    /// From the node: frames received and not yet taken.
+    pub from: Vec<QueueItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueItem {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<i64>,
+    pub lane: String,
+    pub seq: u64,
+    pub state: String,
+    pub what: String,
+    pub age_ms: u64,
+}
+
+/// `purge`: the unfinished jobs for a node, cancelled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeReply {
+    pub node: String,
+    /// Withdrawn here or with a cancel sent.
+    pub cancelled: usize,
+    pub jobs: Vec<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -394,10 +457,90 @@ mod tests {
                 seq: 12,
             }],
             notes: vec![],
+            superseded: vec![],
         });
         assert_eq!(
             line(r),
             "{\"ok\":true,\"job\":7,\"targets\":[{\"node\":\"ship1\",\"lane\":\"ordered\",\"seq\":12}],\"notes\":[]}\n"
+        );
+        let r = Reply::Send(SendReply {
+            job: 8,
+            targets: vec![Queued {
+                node: "ship1".into(),
+                lane: "ordered".into(),
+                seq: 13,
+            }],
+            notes: vec![],
+            superseded: vec![Superseded {
+                node: "ship1".into(),
+                job: 7,
+            }],
+        });
+        assert_eq!(
+            line(r),
+            r#"{"ok":true,"job":8,"targets":[{"node":"ship1","lane":"ordered","seq":13}],"notes":[],"superseded":[{"node":"ship1","job":7}]}
+"#
+        );
+    }
+
+    #[test]
+    fn cancel_queue_and_purge_replies_are_the_documented_json() {
+        let r = Reply::Cancel(CancelReply {
+            job: 7,
+            targets: vec![
+                CancelView {
+                    node: "ship1".into(),
+                    outcome: "withdrawn".into(),
+                    state: "cancelled".into(),
+                },
+                CancelView {
+                    node: "ship2".into(),
+                    outcome: "cancel-sent".into(),
+                    state: "cancelling".into(),
+                },
+            ],
+        });
+        assert_eq!(
+            line(r),
+            r#"{"ok":true,"job":7,"targets":[{"node":"ship1","outcome":"withdrawn","state":"cancelled"},{"node":"ship2","outcome":"cancel-sent","state":"cancelling"}]}
+"#
+        );
+        let r = Reply::Queue(QueueReply {
+            node: "ship1".into(),
+            to: vec![
+                QueueItem {
+                    job: Some(7),
+                    lane: "ordered".into(),
+                    seq: 12,
+                    state: "queued".into(),
+                    what: "exec uptime".into(),
+                    age_ms: 5000,
+                },
+                QueueItem {
+                    job: None,
+                    lane: "bulk".into(),
+                    seq: 40,
+                    state: "queued".into(),
+                    what: "file chunk fw.bin#3".into(),
+                    age_ms: 4000,
+                },
+            ],
+            from: vec![],
+        });
+        assert_eq!(
+            line(r),
+            r#"{"ok":true,"node":"ship1","to":[{"job":7,"lane":"ordered","seq":12,"state":"queued","what":"exec uptime","age_ms":5000},{"lane":"bulk","seq":40,"state":"queued","what":"file chunk fw.bin#3","age_ms":4000}],"from":[]}
+"#
+        );
+        let r = Reply::Purge(PurgeReply {
+            node: "ship1".into(),
+            cancelled: 2,
+            jobs: vec![7, 9],
+        });
+        assert_eq!(
+            line(r),
+            r#"{"ok":true,"node":"ship1","cancelled":2,"jobs":[7,9]}
+"#
         );
     }
 

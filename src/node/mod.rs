@@ -33,7 +33,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+mod cancel;
 mod files;
+
+pub use cancel::Cancel;
 
 pub use files::CHUNKS_AHEAD;
 
@@ -108,6 +111,8 @@ pub struct Ready {
     /// Frames taken (results, notices, file frames): call again when non-zero.
     pub taken: usize,
     pub corrupt: Vec<Corrupt>,
+    /// Running commands their senders cancelled: the shell stops them.
+    pub cancels: Vec<Cancel>,
 }
 
 impl Default for NodeConfig {
@@ -395,7 +400,16 @@ impl Node {
                     }
                     out.taken += 1;
                 }
-                Body::Withdrawn { .. } | Body::Cancel { .. } | Body::Facts(_) | Body::Errors(_) => {
+                Body::Withdrawn { .. } => {
+                    self.store.drop_cancel(peer, lane, seq)?;
+                    self.store.consume(&inbound)?;
+                    out.taken += 1;
+                }
+                Body::Cancel { .. } => {
+                    self.on_cancel(&inbound, &mut out, now_ms)?;
+                    out.taken += 1;
+                }
+                Body::Facts(_) | Body::Errors(_) => {
                     self.store.consume(&inbound)?;
                     out.taken += 1;
                 }
@@ -1037,6 +1051,12 @@ impl Node {
                         now_ms,
                     );
                     self.finish(&inbound, r, now_ms)?;
+                    answered = true;
+                    continue;
+                }
+                if matches!(inbound.env.body, Body::Command(_))
+                    && self.cancelled_on_arrival(&inbound, now_ms)?
+                {
                     answered = true;
                     continue;
                 }

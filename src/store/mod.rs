@@ -8,11 +8,13 @@
 //!
 //! Blocking: call it from a dedicated thread, never from an async executor.
 
+mod cancel;
 mod files;
 pub mod marker;
 mod schema;
 mod session;
 
+pub use cancel::{CancelAt, Cancelled, Waiting};
 pub use files::{bulk_lane, control_lane, HeldFile, Transfer};
 pub use session::{PeerSession, SyncOutcome};
 

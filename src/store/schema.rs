@@ -202,6 +202,23 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE outbox ADD COLUMN boot INTEGER;
     CREATE INDEX outbox_expiring ON outbox (expires_ms) WHERE expires_ms IS NOT NULL;
     ",
+    // 6 -> 7: cancelling. `cancels` keeps a cancel that came before its command
+    // (or while the command waited behind a gap) until the command comes; `place`
+    // says which. `key` on a job target: a newer command with the same key for the
+    // same node supersedes it while it has not started.
+    "
+    CREATE TABLE cancels (
+        peer TEXT NOT NULL, lane TEXT NOT NULL, seq INTEGER NOT NULL,
+        stop INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        place TEXT NOT NULL CHECK (place IN ('inbox', 'flight')),
+        at_ms INTEGER NOT NULL,
+        PRIMARY KEY (peer, lane, seq)
+    );
+    ALTER TABLE job_targets ADD COLUMN key TEXT;
+    CREATE INDEX job_targets_key ON job_targets (node, key) WHERE key IS NOT NULL;
+    CREATE INDEX job_targets_open ON job_targets (node, job) WHERE result IS NULL;
+    ",
 ];
 
 /// Brings the database to the newest version, one transaction per step.

@@ -6,6 +6,7 @@
 #![allow(unreachable_pub)]
 
 mod agent;
+mod cancel;
 mod cli;
 mod faults;
 mod files;
