@@ -156,6 +156,13 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// CRC-32 of the body: tells two commands apart that had the same number
+    /// (see [`Body::Cancel`]). Not of the creation time, which a compact payload
+    /// carries as an age and the receiver puts on its own clock.
+    pub fn fingerprint(&self) -> u32 {
+        fingerprint(&self.body)
+    }
+
     /// Whether this frame's deadline has passed at `now_ms`.
     pub fn expired(&self, now_ms: u64) -> bool {
         match self.ttl_s {
@@ -163,6 +170,12 @@ impl Envelope {
             None => false,
         }
     }
+}
+
+/// See [`Envelope::fingerprint`]; never 0.
+pub fn fingerprint(body: &Body) -> u32 {
+    let bytes = postcard::to_allocvec(body).unwrap_or_default();
+    crc32fast::hash(&bytes).max(1)
 }
 
 /// What a frame carries. Variants are only ever appended.
@@ -239,6 +252,10 @@ pub enum Body {
     Cancel {
         lane: Lane,
         seq: u64,
+        /// The command's [`Envelope::fingerprint`]: a number its sender gave
+        /// again after its store went back in time names another command, which
+        /// this cancel must not hit. 0: not known, not checked.
+        check: u32,
         stop: bool,
         reason: String,
     },

@@ -321,10 +321,11 @@ fn bodies() -> Vec<(&'static str, Body, &'static str)> {
             Body::Cancel {
                 lane: Lane::new("ordered").unwrap(),
                 seq: 4,
+                check: 0x0102_0304,
                 stop: true,
                 reason: "op".into(),
             },
-            "0e  07 6f726465726564 04 01 02 6f70",
+            "0e  07 6f726465726564 04 84868808 01 02 6f70",
         ),
         (
             "facts",

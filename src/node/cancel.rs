@@ -46,6 +46,7 @@ impl Node {
             seq,
             stop,
             reason,
+            ..
         } = &inbound.env.body
         else {
             return Ok(());
@@ -57,6 +58,9 @@ impl Node {
                 let r = CmdResult::without_run(*seq, Status::Cancelled, text, now_ms);
                 self.finish(&cmd, r, now_ms)?;
                 self.store.consume(inbound)?;
+                // It may be in this very call's list of commands to start.
+                out.answered
+                    .push((cmd.env.lane.clone(), cmd.env.seq, cmd.env.from.clone()));
             }
             CancelAt::Running => {
                 if *stop {

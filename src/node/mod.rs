@@ -113,6 +113,9 @@ pub struct Ready {
     pub corrupt: Vec<Corrupt>,
     /// Running commands their senders cancelled: the shell stops them.
     pub cancels: Vec<Cancel>,
+    /// Commands answered while this was taken (cancelled in the inbox): not to
+    /// be started.
+    answered: Vec<(Lane, u64, Name)>,
 }
 
 impl Default for NodeConfig {
@@ -416,6 +419,14 @@ impl Node {
                 // Unsequenced: never stored in the inbox.
                 Body::Ack { .. } | Body::Hello { .. } | Body::Sync(_) | Body::Nack { .. } => {}
             }
+        }
+        if !out.answered.is_empty() {
+            let answered = std::mem::take(&mut out.answered);
+            out.commands.retain(|c| {
+                !answered
+                    .iter()
+                    .any(|(l, s, p)| (l, *s, p) == (&c.env.lane, c.env.seq, &c.env.from))
+            });
         }
         Ok(out)
     }
@@ -1041,6 +1052,19 @@ impl Node {
             let mut answered = false;
             for inbound in ready {
                 if !self.session.synced(inbound.peer()) {
+                    continue;
+                }
+                if inbound.doubtful && matches!(inbound.env.body, Body::Withdrawn { .. }) {
+                    // Its sender answered it itself; that answer is only sure if
+                    // the command never reached us.
+                    let r = CmdResult::without_run(
+                        inbound.env.seq,
+                        Status::Interrupted,
+                        "withdrawn by its sender, but it may have reached an earlier store of this node (lost, or gone back in time) and run there",
+                        now_ms,
+                    );
+                    self.finish(&inbound, r, now_ms)?;
+                    answered = true;
                     continue;
                 }
                 if inbound.doubtful {

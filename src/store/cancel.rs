@@ -83,15 +83,16 @@ impl Store {
         reason: &str,
         now_ms: u64,
     ) -> Result<Option<(Cancelled, Option<Queued>)>, StoreError> {
-        let target: Option<(String, i64, String, Option<i64>)> = self
+        #[allow(clippy::type_complexity)]
+        let target: Option<(String, i64, String, Option<i64>, Option<u32>)> = self
             .conn
             .query_row(
-                "SELECT lane, seq, state, result FROM job_targets WHERE job = ?1 AND node = ?2",
+                "SELECT lane, seq, state, result, fp FROM job_targets WHERE job = ?1 AND node = ?2",
                 params![job, node.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()?;
-        let Some((lane, seq, state, result)) = target else {
+        let Some((lane, seq, state, result, fp)) = target else {
             return Ok(None);
         };
         let lane = lane_of(&lane)?;
@@ -141,6 +142,7 @@ impl Store {
                     body: Body::Cancel {
                         lane: lane.clone(),
                         seq: seq as u64,
+                        check: fp.unwrap_or(0),
                         stop,
                         reason: reason.into(),
                     },
@@ -306,9 +308,24 @@ impl Store {
         now_ms: u64,
     ) -> Result<CancelAt, StoreError> {
         let env = &inbound.env;
-        let (Body::Cancel { stop, reason, .. }, peer) = (&env.body, &env.from) else {
+        let (
+            Body::Cancel {
+                stop,
+                reason,
+                check,
+                ..
+            },
+            peer,
+        ) = (&env.body, &env.from)
+        else {
             return Err(StoreError::Invalid("locate_cancel takes cancels".into()));
         };
+        let names =
+            |cmd: &[u8]| -> Result<bool, StoreError> {
+                let cmd = frame::decode(cmd)?;
+                Ok(matches!(cmd.body, Body::Command(_))
+                    && (*check == 0 || cmd.fingerprint() == *check))
+            };
         let key = params![peer.as_str(), lane.as_str(), seq as i64];
         let journal: Option<String> = self
             .conn
@@ -318,12 +335,7 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()?;
-        match journal.as_deref() {
-            Some("running") => return Ok(CancelAt::Running),
-            Some(_) => return Ok(CancelAt::Gone),
-            None => {}
-        }
-        let wm = watermark(&self.conn, peer, lane)?;
+        // A running command's frame stays in the inbox until it finishes.
         let held: Option<Vec<u8>> = self
             .conn
             .query_row(
@@ -332,25 +344,30 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()?;
-        match held {
-            Some(bytes) if seq <= wm => {
-                let cmd = frame::decode(&bytes)?;
-                if !matches!(cmd.body, Body::Command(_)) {
-                    return Ok(CancelAt::Gone);
-                }
-                Ok(CancelAt::Inbox(Box::new(Inbound {
-                    env: cmd,
-                    doubtful: false,
-                    expired: false,
-                })))
+        if let Some(bytes) = &held {
+            if !names(bytes)? {
+                return Ok(CancelAt::Gone);
             }
+        }
+        match journal.as_deref() {
+            Some("running") if held.is_some() => return Ok(CancelAt::Running),
+            Some(_) => return Ok(CancelAt::Gone),
+            None => {}
+        }
+        let wm = watermark(&self.conn, peer, lane)?;
+        match held {
+            Some(bytes) if seq <= wm => Ok(CancelAt::Inbox(Box::new(Inbound {
+                env: frame::decode(&bytes)?,
+                doubtful: false,
+                expired: false,
+            }))),
             None if seq <= wm => Ok(CancelAt::Gone),
             held => {
                 let place = if held.is_some() { "inbox" } else { "flight" };
                 let tx = self.conn.savepoint()?;
                 tx.execute(
-                    "INSERT INTO cancels (peer, lane, seq, stop, reason, place, at_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+                    "INSERT INTO cancels (peer, lane, seq, stop, reason, place, fp, at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
                     params![
                         peer.as_str(),
                         lane.as_str(),
@@ -358,6 +375,7 @@ impl Store {
                         stop,
                         reason,
                         place,
+                        check,
                         now_ms as i64
                     ],
                 )?;
@@ -375,20 +393,23 @@ impl Store {
     pub fn take_cancel(&mut self, cmd: &Inbound) -> Result<Option<String>, StoreError> {
         let env = &cmd.env;
         let key = params![env.from.as_str(), env.lane.as_str(), env.seq as i64];
-        let kept: Option<(String, String)> = self
+        let kept: Option<(String, String, u32)> = self
             .conn
             .prepare_cached(
-                "SELECT reason, place FROM cancels WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
+                "SELECT reason, place, fp FROM cancels WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
             )?
-            .query_row(key, |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row(key, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
-        let Some((reason, place)) = kept else {
+        let Some((reason, place, fp)) = kept else {
             return Ok(None);
         };
         self.change(
             "DELETE FROM cancels WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
             key,
         )?;
+        if fp != 0 && fp != env.fingerprint() {
+            return Ok(None);
+        }
         let me = &self.me;
         Ok(Some(match place.as_str() {
             "inbox" => format!("cancelled in {me}'s inbox before it started: {reason}"),

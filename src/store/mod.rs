@@ -728,8 +728,14 @@ impl Store {
                     .and_then(|env| matching(env, &peer, &self.me, &lane, seq))
                 {
                     Ok(env) => {
+                        // A withdrawn command, too: the sender's answer (cancelled,
+                        // expired) may be wrong if an earlier store of ours had it.
                         let doubtful = seq <= doubt as u64
-                            && matches!(&env.body, Body::Command(c) if !c.reruns());
+                            && match &env.body {
+                                Body::Command(c) => !c.reruns(),
+                                Body::Withdrawn { .. } => true,
+                                _ => false,
+                            };
                         let arrived = recv_ms.map(|w| Arrival {
                             wall_ms: w as u64,
                             mono: Mono {
@@ -855,6 +861,7 @@ impl Store {
     ) -> Result<(i64, Vec<Queued>), StoreError> {
         let tx = self.conn.savepoint()?;
         let (queued, added) = enqueue_in(&tx, (&self.me, self.mono), &items, now_ms)?;
+        let fps: Vec<u32> = items.iter().map(|i| frame::fingerprint(&i.body)).collect();
         if let Err(full) = fits((self.used, self.quota), added, items) {
             drop(tx);
             return Err(full);
@@ -864,10 +871,10 @@ impl Store {
             params![now_ms as i64, method.as_str(), summary],
         )?;
         let job = tx.last_insert_rowid();
-        for q in &queued {
+        for (q, fp) in queued.iter().zip(fps) {
             tx.execute(
-                "INSERT INTO job_targets (job, node, lane, seq, state) VALUES (?1, ?2, ?3, ?4, 'queued')",
-                params![job, q.to.as_str(), q.lane.as_str(), q.seq as i64],
+                "INSERT INTO job_targets (job, node, lane, seq, state, fp) VALUES (?1, ?2, ?3, ?4, 'queued', ?5)",
+                params![job, q.to.as_str(), q.lane.as_str(), q.seq as i64, fp],
             )?;
         }
         commit(tx, self.batch)?;

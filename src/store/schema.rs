@@ -212,10 +212,13 @@ const MIGRATIONS: &[&str] = &[
         stop INTEGER NOT NULL,
         reason TEXT NOT NULL,
         place TEXT NOT NULL CHECK (place IN ('inbox', 'flight')),
+        fp INTEGER NOT NULL,            -- the command's fingerprint, 0: any
         at_ms INTEGER NOT NULL,
         PRIMARY KEY (peer, lane, seq)
     );
     ALTER TABLE job_targets ADD COLUMN key TEXT;
+    -- The command frame's fingerprint (frame::fingerprint), which cancels carry.
+    ALTER TABLE job_targets ADD COLUMN fp INTEGER;
     CREATE INDEX job_targets_key ON job_targets (node, key) WHERE key IS NOT NULL;
     CREATE INDEX job_targets_open ON job_targets (node, job) WHERE result IS NULL;
     ",

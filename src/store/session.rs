@@ -289,6 +289,10 @@ impl Store {
         let mut out = SyncOutcome::default();
         let me = self.me.clone();
         let tx = self.conn.savepoint()?;
+        // Cancels kept for commands the peer had not sent yet name its numbers
+        // as they were; after a Sync (its store new or gone back) they may name
+        // other commands.
+        tx.execute("DELETE FROM cancels WHERE peer = ?1", [peer.as_str()])?;
         let streams: Vec<(String, i64, i64, Option<i64>)> = {
             let mut stmt = tx.prepare_cached(
                 "SELECT lane, last_seq, acked, base FROM out_streams WHERE peer = ?1",
@@ -484,12 +488,22 @@ fn renumber(
         "UPDATE job_targets SET seq = -seq WHERE node = ?1 AND lane = ?2 AND seq < 0",
         params![peer.as_str(), lane.as_str()],
     )?;
+    // Results we wrote ourselves for frames that moved (withdrawn: cancelled or
+    // expired) move with them; the peer's results are for its own numbers.
+    tx.execute(
+        "UPDATE results SET seq = -(seq + ?4) WHERE peer = ?1 AND lane = ?2 AND seq > ?3 AND local = 1",
+        params![peer.as_str(), lane.as_str(), base as i64, d as i64],
+    )?;
+    tx.execute(
+        "UPDATE results SET seq = -seq WHERE peer = ?1 AND lane = ?2 AND seq < 0",
+        params![peer.as_str(), lane.as_str()],
+    )?;
     Ok(())
 }
 
 /// Gives every job target toward `peer` on `lane` with a command number in
-/// `(after, upto]` and no result yet a result of our own, `interrupted` with
-/// `reason`. Returns how many.
+/// `(after, upto]` and no result yet (or one of our own) a result of our own,
+/// `interrupted` with `reason`. Returns how many.
 fn local_results(
     tx: &Connection,
     me: &Name,
@@ -499,6 +513,17 @@ fn local_results(
     reason: &str,
     now_ms: u64,
 ) -> Result<usize, StoreError> {
+    // Also those we answered ourselves (a command withdrawn, cancelled or
+    // expired here): what the peer's lost store made of it is unknown now.
+    tx.execute(
+        "UPDATE job_targets SET result = NULL WHERE node = ?1 AND lane = ?2 AND seq > ?3 AND seq <= ?4
+         AND result IN (SELECT id FROM results WHERE local = 1)",
+        params![peer.as_str(), lane.as_str(), after as i64, upto as i64],
+    )?;
+    tx.execute(
+        "DELETE FROM results WHERE peer = ?1 AND lane = ?2 AND seq > ?3 AND seq <= ?4 AND local = 1",
+        params![peer.as_str(), lane.as_str(), after as i64, upto as i64],
+    )?;
     let seqs: Vec<i64> = {
         let mut stmt = tx.prepare_cached(
             "SELECT seq FROM job_targets WHERE node = ?1 AND lane = ?2 AND seq > ?3 AND seq <= ?4

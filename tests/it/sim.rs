@@ -22,6 +22,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use outpost::delivery::DeliveryConfig;
 use outpost::frame::{Body, CmdResult, Command, Exec, Lane, Name, Status};
@@ -63,6 +64,9 @@ struct Sent {
     word: String,
     /// The sender's store no longer has the job (it was lost with the store).
     forgotten: bool,
+    /// When the sender cancels it, if it does; whether a running one is stopped.
+    cancel_at: Option<(u64, bool)>,
+    cancelled: bool,
 }
 
 fn cfg(files: FilesConfig) -> NodeConfig {
@@ -244,6 +248,9 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
                 names[from],
                 names[to]
             );
+            let cancel_at = rng
+                .chance(250)
+                .then(|| (now + rng.below(90), rng.chance(800)));
             sent.push(Sent {
                 from,
                 to,
@@ -251,7 +258,30 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
                 job,
                 word,
                 forgotten: false,
+                cancel_at,
+                cancelled: false,
             });
+        }
+
+        // Cancel what the plan says is due: wherever the command is by now.
+        for s in &mut sent {
+            let Some((at, stop)) = s.cancel_at else {
+                continue;
+            };
+            if s.cancelled || s.forgotten || at > now {
+                continue;
+            }
+            s.cancelled = true;
+            let to = nodes[s.to].name.clone();
+            let node = nodes[s.from].node.as_mut().unwrap();
+            let outcome = node
+                .cancel(s.job, &to, stop, "sim", now)
+                .map_err(|e| e.to_string())?;
+            trace!(
+                "t={now} {} cancels {} (stop {stop}): {outcome:?}",
+                names[s.from],
+                s.word
+            );
         }
 
         if !files_sent.0 && now >= file_at.0 {
@@ -491,6 +521,30 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
                         return Err(format!("{}: {text}", n.name));
                     }
                 }
+                for c in ready.cancels {
+                    // As the agent does: the process is killed and reports cancelled.
+                    let Some(k) = n.running.iter().position(|(r, _)| {
+                        r.env.from == c.peer && r.env.lane == c.lane && r.env.seq == c.seq
+                    }) else {
+                        continue;
+                    };
+                    let (inbound, _) = n.running.swap_remove(k);
+                    trace!(
+                        "t={now} {} stops {}#{} from {}",
+                        n.name,
+                        c.lane,
+                        c.seq,
+                        c.peer
+                    );
+                    let result = CmdResult::without_run(
+                        c.seq,
+                        Status::Cancelled,
+                        "cancelled while it ran",
+                        now,
+                    );
+                    node.finish(&inbound, result, now)
+                        .map_err(|e| e.to_string())?;
+                }
                 for inbound in ready.commands {
                     if n.running.iter().any(|(r, _)| r.env == inbound.env) {
                         continue;
@@ -506,7 +560,12 @@ fn run_seed(seed: u64, base: &Path) -> Result<(), String> {
                         word_of(&inbound)
                     );
                     exec_log.push((i, e.from.clone(), e.lane.clone(), e.seq, word_of(&inbound)));
-                    let due = now + rng.below(60);
+                    let due = now
+                        + if rng.chance(250) {
+                            rng.below(400)
+                        } else {
+                            rng.below(60)
+                        };
                     if due > now + 30 {
                         // A long one tells its sender it runs, as the agent does.
                         node.announce_started(&e.from, &e.lane, e.seq, now)
@@ -661,6 +720,17 @@ fn describe(nodes: &[SimNode]) -> Result<String, String> {
     Ok(out)
 }
 
+/// Cancelled commands over every seed, by where they were caught (words of the
+/// result's reason): each place must be reached, or the simulation does not
+/// test it.
+static CAUGHT: [(&str, AtomicUsize); 5] = [
+    ("outbox", AtomicUsize::new(0)),
+    ("in flight", AtomicUsize::new(0)),
+    ("inbox", AtomicUsize::new(0)),
+    ("while it ran", AtomicUsize::new(0)),
+    ("", AtomicUsize::new(0)),
+];
+
 fn check(
     nodes: &[SimNode],
     sent: &[Sent],
@@ -728,8 +798,21 @@ fn check(
                 describe(nodes).unwrap_or_default()
             )
         })?;
+        let ran_it = ran.contains(s.word.as_str());
+        if s.cancelled {
+            trace!("final {}: {:?} {:?}", s.word, r.status, r.reason);
+        }
         let ok = match r.status {
-            Status::Ok => r.stdout == s.word.as_bytes() && ran.contains(s.word.as_str()),
+            Status::Ok => r.stdout == s.word.as_bytes() && ran_it,
+            // Stopped while it ran, or caught before it started: then it never ran.
+            Status::Cancelled if s.cancelled => {
+                let place = CAUGHT
+                    .iter()
+                    .position(|(words, _)| r.reason.contains(words))
+                    .unwrap_or(CAUGHT.len() - 1);
+                CAUGHT[place].1.fetch_add(1, Ordering::Relaxed);
+                r.reason.contains("while it ran") == ran_it
+            }
             // A restart interrupts what runs; only a lost store may lose more.
             Status::Interrupted => !strict || !r.reason.contains("store"),
             _ => false,
@@ -862,6 +945,16 @@ fn simulated_faults_never_lose_duplicate_or_reorder_commands_and_results() {
             .collect()
     });
     let _ = std::fs::remove_dir_all(&base);
+    let caught: Vec<(&str, usize)> = CAUGHT
+        .iter()
+        .map(|(w, n)| (*w, n.load(Ordering::Relaxed)))
+        .collect();
+    eprintln!("cancels caught, by place: {caught:?}");
+    if seeds.len() >= 500 {
+        for (place, n) in &caught[..4] {
+            assert!(*n > 0, "no cancel was caught {place:?}: {caught:?}");
+        }
+    }
     assert!(
         failures.is_empty(),
         "{} of {} seeds failed (rerun one with OUTPOST_SIM_SEED=N):\n{}",
