@@ -202,6 +202,28 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE outbox ADD COLUMN boot INTEGER;
     CREATE INDEX outbox_expiring ON outbox (expires_ms) WHERE expires_ms IS NOT NULL;
     ",
+    // 6 -> 7: facts and the node registry. `facts_sent`: per peer, the facts as of
+    // the last Facts frame this node queued to it (the next is a change against
+    // them), for which of the peer's stores and ours, and when the last full set
+    // went. `nodes`: per peer, when it was last seen (any authenticated payload,
+    // written at most once a minute) and the facts it reported. Events are looked
+    // up per peer for the registry's last error.
+    "
+    CREATE TABLE facts_sent (
+        peer TEXT PRIMARY KEY,
+        peer_epoch INTEGER NOT NULL,
+        my_epoch INTEGER NOT NULL,
+        full_ms INTEGER NOT NULL,
+        facts BLOB NOT NULL             -- postcard of [(key, value)], sorted
+    );
+    CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        last_seen_ms INTEGER,
+        facts_ms INTEGER,               -- when its last Facts frame was taken
+        facts BLOB                      -- postcard of [(key, value)], sorted
+    );
+    CREATE INDEX events_peer ON events (peer, id);
+    ",
 ];
 
 /// Brings the database to the newest version, one transaction per step.
