@@ -32,6 +32,7 @@ use crate::{debug, error, info, warn};
 mod commands;
 mod facts;
 mod files;
+mod nodes;
 mod os;
 mod requests;
 mod session;

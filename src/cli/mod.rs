@@ -20,6 +20,7 @@ mod agent;
 mod files;
 mod jobs;
 mod keys;
+mod nodes;
 mod send;
 mod status;
 
@@ -92,6 +93,7 @@ pub enum Cmd {
     Send(send::SendArgs),
     Jobs(jobs::JobsArgs),
     Status(status::StatusArgs),
+    Nodes(nodes::NodesArgs),
     Config(ConfigArgs),
     Keys(keys::KeysArgs),
     Files(files::FilesArgs),
@@ -185,6 +187,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
         Cmd::Send(args) => send::run(args),
         Cmd::Jobs(args) => jobs::run(args),
         Cmd::Status(args) => status::run(args),
+        Cmd::Nodes(args) => nodes::run(args),
         Cmd::Config(c) => match c.cmd {
             ConfigCmd::Check(check) => config_check(check),
         },

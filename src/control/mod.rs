@@ -17,7 +17,7 @@ mod client;
 pub mod reply;
 pub mod server;
 
-pub use client::Client;
+pub use client::{Client, Select};
 pub use reply::Reply;
 
 /// Longest request line accepted.
@@ -39,6 +39,13 @@ pub enum Request {
         #[serde(default)]
         ttl_s: Option<u32>,
         command: CommandSpec,
+        /// Fact selectors, `KEY=VALUE` or `KEY!=VALUE`: only the nodes `to` names
+        /// whose facts match every one.
+        #[serde(default, rename = "where", skip_serializing_if = "Vec::is_empty")]
+        where_: Vec<String>,
+        /// Only the nodes whose presence says online.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        online: bool,
     },
     /// Jobs, newest first.
     Jobs {
@@ -80,6 +87,20 @@ pub enum Request {
     /// Delete received files with this id (`SOURCE/ID` for one source).
     FilesRm {
         id: String,
+    },
+    /// The registry: every trusted node, or those `pattern` (a glob) names, whose
+    /// facts match every `where` selector, online ones only with `online`.
+    Nodes {
+        #[serde(default)]
+        pattern: Option<String>,
+        #[serde(default, rename = "where")]
+        where_: Vec<String>,
+        #[serde(default)]
+        online: bool,
+    },
+    /// One trusted node, everything the registry knows of it.
+    Node {
+        name: String,
     },
 }
 

@@ -25,6 +25,8 @@ pub enum Reply {
     FilesList(FilesListReply),
     Transfer(TransferReply),
     FilesRm(FilesRmReply),
+    Nodes(NodesReply),
+    Node(NodeReply),
     Error(String),
 }
 
@@ -62,6 +64,8 @@ impl Reply {
             Reply::FilesList(r) => ok(r),
             Reply::Transfer(r) => ok(r),
             Reply::FilesRm(r) => ok(r),
+            Reply::Nodes(r) => ok(r),
+            Reply::Node(r) => ok(r),
             Reply::Error(e) => serde_json::to_vec(&Failed {
                 ok: false,
                 error: e,
@@ -341,6 +345,73 @@ pub struct HeldView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FilesRmReply {
     pub removed: Vec<String>,
+}
+
+/// `nodes`: trusted nodes by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodesReply {
+    pub nodes: Vec<NodeView>,
+}
+
+/// `node`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReply {
+    pub node: NodeView,
+}
+
+/// Whether a node is up, as its presence says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    #[serde(rename = "online")]
+    Online,
+    #[serde(rename = "offline")]
+    Offline,
+    /// No presence, payload or facts from it, ever.
+    #[serde(rename = "never seen")]
+    NeverSeen,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Online => "online",
+            NodeState::Offline => "offline",
+            NodeState::NeverSeen => "never seen",
+        }
+    }
+}
+
+/// The README's NODE: one trusted node as the registry knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub state: NodeState,
+    /// Since when its presence says what `state` says.
+    pub since_ms: Option<u64>,
+    /// Its last authenticated payload.
+    pub last_seen_ms: Option<u64>,
+    /// When its facts last changed here.
+    pub facts_ms: Option<u64>,
+    /// What waits here for it, per lane.
+    pub outbox: Vec<LaneQueue>,
+    /// Commands this node sent it that it reported running.
+    pub running: u64,
+    /// The latest event about it (a lost or discarded frame).
+    pub last_error: Option<NodeError>,
+    pub facts: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaneQueue {
+    pub lane: String,
+    pub frames: u64,
+    pub oldest_unacked_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeError {
+    pub at_ms: u64,
+    pub text: String,
 }
 
 /// Each reply's JSON, pinned: these are the README's "Control socket protocol"
