@@ -134,6 +134,9 @@ impl Agent {
         let refresh = self.cfg.facts_refresh.as_millis() as u64;
         match self.node.report_facts(&f, refresh, now) {
             Ok(queued) => {
+                if queued.is_empty() {
+                    debug!("facts: {} read, nothing changed enough to send", f.len());
+                }
                 for q in queued {
                     let what = if q.full { "all" } else { "a change of" };
                     debug!("facts: {what} {} fact(s) queued for {}", q.changed, q.peer);

@@ -54,7 +54,7 @@ pub fn rule(key: &str) -> Rule {
         },
         "mem.available" => Rule::FractionOf {
             total: "mem.total".into(),
-            frac: 0.10,
+            frac: 0.20,
         },
         k if k.starts_with("disk.") && k.ends_with(".free") => Rule::FractionOf {
             total: format!("{}.total", &k[..k.len() - ".free".len()]),
@@ -100,10 +100,12 @@ fn decade(n: f64) -> i32 {
     }
 }
 
-/// What to send to a peer that has `sent` (the facts as of the last frame queued
-/// to it), now that the facts are `now`: `None` when nothing changed enough.
-/// When something did, the frame brings every changed key up to date (ride-along
-/// and sub-threshold ones too), so afterwards the peer holds exactly `now`.
+/// What to send to a peer that holds `sent` (the facts as of the frames queued
+/// to it so far), now that the facts are `now`: `None` when nothing changed
+/// enough. When something did, the frame carries the changes that count and,
+/// riding along, the changed [`Rule::Ride`] keys; values that moved less than
+/// their threshold stay as the peer has them (apply the frame to `sent` for what
+/// it holds afterwards).
 pub fn delta(sent: &Snapshot, now: &Snapshot) -> Option<Facts> {
     let unset: Vec<String> = sent
         .keys()
@@ -120,7 +122,10 @@ pub fn delta(sent: &Snapshot, now: &Snapshot) -> Option<Facts> {
     }
     let set = now
         .iter()
-        .filter(|(k, v)| sent.get(*k) != Some(v))
+        .filter(|(k, v)| match sent.get(*k) {
+            None => true,
+            Some(old) => old != *v && (rule(k) == Rule::Ride || significant(k, old, v, now)),
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     Some(Facts {
@@ -361,7 +366,7 @@ mod tests {
         let mut now = sent.clone();
         now.insert("load.1".into(), "0.90".into());
         now.insert("load.15".into(), "0.40".into());
-        now.insert("mem.available".into(), "450".into());
+        now.insert("mem.available".into(), "350".into());
         now.insert("disk.state.free".into(), "4700".into());
         now.insert("queue.outbox".into(), "9".into());
         now.insert("link.out.today".into(), "90000".into());
@@ -370,7 +375,7 @@ mod tests {
     }
 
     #[test]
-    fn a_real_change_sends_it_and_brings_the_rest_up_to_date() {
+    fn a_real_change_sends_it_with_what_rides_along_but_not_sub_threshold_noise() {
         let sent = snap(&[
             ("hostname", "ship1"),
             ("role", "gateway"),
@@ -382,6 +387,7 @@ mod tests {
         let mut now = sent.clone();
         now.insert("role".into(), "spare".into());
         now.insert("link.out.today".into(), "300".into());
+        now.insert("mem.available".into(), "480".into());
         now.remove("old");
         let d = delta(&sent, &now).expect("a changed custom fact is sent");
         assert!(!d.full);
@@ -395,10 +401,11 @@ mod tests {
         assert_eq!(d.unset, vec!["old".to_string()]);
         let mut held = sent.clone();
         apply(&mut held, &d);
-        assert_eq!(held, now, "the receiver ends with exactly the facts now");
+        now.insert("mem.available".into(), "500".into());
+        assert_eq!(held, now, "the receiver has what counts, noise as before");
         // Past a threshold counts too.
         let mut low = sent.clone();
-        low.insert("mem.available".into(), "350".into());
+        low.insert("mem.available".into(), "250".into());
         assert!(delta(&sent, &low).is_some());
         let mut q = snap(&[("queue.inbox", "9")]);
         let before = q.clone();

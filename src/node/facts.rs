@@ -49,24 +49,26 @@ impl Node {
             }
             let theirs = self.session.peer(&peer).map_or(0, |p| p.epoch);
             let prev = self.store.facts_sent(&peer)?;
-            let (body, full_ms): (Facts, u64) = match prev {
+            let (body, full_ms, held): (Facts, u64, Snapshot) = match prev {
                 Some(s)
                     if s.peer_epoch == theirs
                         && s.my_epoch == mine
                         && now_ms < s.full_ms.saturating_add(refresh_ms) =>
                 {
-                    match facts::delta(&s.facts, now) {
-                        Some(d) => (d, s.full_ms),
-                        None => continue,
-                    }
+                    let Some(d) = facts::delta(&s.facts, now) else {
+                        continue;
+                    };
+                    let mut held = s.facts;
+                    facts::apply(&mut held, &d);
+                    (d, s.full_ms, held)
                 }
-                _ => (facts::full(now), now_ms),
+                _ => (facts::full(now), now_ms, now.clone()),
             };
             let sent = FactsSent {
                 peer_epoch: theirs,
                 my_epoch: mine,
                 full_ms,
-                facts: now.clone(),
+                facts: held,
             };
             let q = FactsQueued {
                 peer: peer.clone(),
