@@ -38,7 +38,10 @@ const LONG: Duration = Duration::from_secs(120);
 const FLEET: usize = 1000;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let want = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
     if want("facts") {
         facts();
@@ -50,14 +53,28 @@ fn main() {
 
 fn keygen(base: &Path, name: &str) -> String {
     let dir = base.join(name);
-    let out = outpost(&["keys", "gen", "--state-dir", dir.to_str().unwrap(), "--name", name]);
+    let out = outpost(&[
+        "keys",
+        "gen",
+        "--state-dir",
+        dir.to_str().unwrap(),
+        "--name",
+        name,
+    ]);
     let line = String::from_utf8(out.stdout).unwrap();
     line.split_whitespace().nth(1).unwrap().to_string()
 }
 
 fn trust(base: &Path, on: &str, peer: &str, key: &str, allow: &str) {
     let dir = base.join(on);
-    let mut args = vec!["keys", "trust", "--state-dir", dir.to_str().unwrap(), peer, key];
+    let mut args = vec![
+        "keys",
+        "trust",
+        "--state-dir",
+        dir.to_str().unwrap(),
+        peer,
+        key,
+    ];
     if !allow.is_empty() {
         args.extend(["--allow", allow]);
     }
@@ -65,7 +82,11 @@ fn trust(base: &Path, on: &str, peer: &str, key: &str, allow: &str) {
 }
 
 fn count_log(agent: &Agent, needle: &str) -> usize {
-    agent.full_log().lines().filter(|l| l.contains(needle)).count()
+    agent
+        .full_log()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
 }
 
 fn outbox_empty(agent: &Agent) -> bool {
@@ -86,7 +107,11 @@ fn facts() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("site"), "site=north\nrole=gateway\n").unwrap();
     let script = dir.join("hw.sh");
-    std::fs::write(&script, "#!/bin/sh\necho model=rpi4\necho serial=00000000abcdef01\n").unwrap();
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho model=rpi4\necho serial=00000000abcdef01\n",
+    )
+    .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     let broker = Broker::start();
     let proxy = Proxy::start(broker.addr());
@@ -110,13 +135,17 @@ fn facts() {
         ],
     );
     let node = |f: &str| {
-        central.call(&Request::Node { name: "ship1".into() })["node"]["facts"][f]
+        central.call(&Request::Node {
+            name: "ship1".into(),
+        })["node"]["facts"][f]
             .as_str()
             .map(str::to_string)
     };
     wait_until("the first set at central", LONG, || node("model").is_some());
     wait_until("settled", LONG, || outbox_empty(&ship));
-    let n_facts = central.call(&Request::Node { name: "ship1".into() })["node"]["facts"]
+    let n_facts = central.call(&Request::Node {
+        name: "ship1".into(),
+    })["node"]["facts"]
         .as_object()
         .unwrap()
         .len();
@@ -187,7 +216,12 @@ fn retained_fleet(broker: &Broker, n: usize) {
     });
     for i in 0..n {
         client
-            .publish(format!("outpost/node-{i:04}/presence"), QoS::AtLeastOnce, true, b"online".to_vec())
+            .publish(
+                format!("outpost/node-{i:04}/presence"),
+                QoS::AtLeastOnce,
+                true,
+                b"online".to_vec(),
+            )
             .unwrap();
     }
     pump.join().unwrap();
@@ -198,7 +232,11 @@ fn retained_fleet(broker: &Broker, n: usize) {
 fn download(broker: &Broker, filters: &[String], expect: usize) -> (u64, usize) {
     use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
     let proxy = Proxy::start(broker.addr());
-    let mut opts = MqttOptions::new(format!("measure-{}", filters.len()), "127.0.0.1", proxy.port());
+    let mut opts = MqttOptions::new(
+        format!("measure-{}", filters.len()),
+        "127.0.0.1",
+        proxy.port(),
+    );
     opts.set_clean_session(true);
     opts.set_keep_alive(Duration::from_secs(60));
     let (client, mut conn) = Client::new(opts, 64);
@@ -214,7 +252,10 @@ fn download(broker: &Broker, filters: &[String], expect: usize) -> (u64, usize) 
                 break;
             }
         }
-        assert!(Instant::now() < deadline, "only {got} of {expect} retained messages");
+        assert!(
+            Instant::now() < deadline,
+            "only {got} of {expect} retained messages"
+        );
     }
     let _ = client.disconnect();
     (proxy.bytes_down(), got)
@@ -231,7 +272,10 @@ fn presence() {
         &["outpost/ship1/in".into(), "outpost/+/presence".into()],
         FLEET,
     );
-    let mut after_filters = vec!["outpost/ship1/in".to_string(), "outpost/ship1/presence".into()];
+    let mut after_filters = vec![
+        "outpost/ship1/in".to_string(),
+        "outpost/ship1/presence".into(),
+    ];
     after_filters.extend(peers.iter().map(|p| format!("outpost/{p}/presence")));
     let after = download(&broker, &after_filters, peers.len());
     println!(
@@ -256,7 +300,9 @@ fn presence() {
     let online = |a: &Agent| {
         peers.iter().all(|p| a.sees_online(p)) && a.status()["link"]["connected"] == true
     };
-    wait_until("ship1 connected, its peers seen online", LONG, || online(&ship));
+    wait_until("ship1 connected, its peers seen online", LONG, || {
+        online(&ship)
+    });
     let first = proxy.accepted();
     proxy.reset_counters();
     proxy.cut();

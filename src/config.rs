@@ -237,10 +237,18 @@ impl Config {
         if !(1024..=512 * 1024).contains(&chunk_size) {
             return Err("chunk_size: between 1KiB and 512KiB".into());
         }
-        let facts_refresh = opt(raw.facts_refresh.as_deref(), "facts_refresh", parse_duration)?
-            .unwrap_or(Duration::from_secs(24 * 3600));
-        let facts_interval = opt(raw.facts_interval.as_deref(), "facts_interval", parse_duration)?
-            .unwrap_or(Duration::from_secs(300));
+        let facts_refresh = opt(
+            raw.facts_refresh.as_deref(),
+            "facts_refresh",
+            parse_duration,
+        )?
+        .unwrap_or(Duration::from_secs(24 * 3600));
+        let facts_interval = opt(
+            raw.facts_interval.as_deref(),
+            "facts_interval",
+            parse_duration,
+        )?
+        .unwrap_or(Duration::from_secs(300));
         if facts_interval < Duration::from_secs(1) || facts_refresh < facts_interval {
             return Err(
                 "facts_interval: at least 1s, and facts_refresh at least facts_interval".into(),

@@ -121,7 +121,12 @@ impl Agent {
             f.insert("queue.running".into(), c.running.to_string());
         }
         if !self.facts.failing.is_empty() {
-            let names: Vec<&str> = self.facts.failing.iter().map(|x| x.entry.as_str()).collect();
+            let names: Vec<&str> = self
+                .facts
+                .failing
+                .iter()
+                .map(|x| x.entry.as_str())
+                .collect();
             f.insert("facts.failed".into(), names.join(","));
         }
         for (k, v) in custom {

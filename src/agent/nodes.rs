@@ -39,9 +39,7 @@ impl Agent {
         let mut out = Vec::new();
         for name in self.trust.peers.keys().filter(|n| **n != self.cfg.name) {
             let rec = records.get(name);
-            let seen = self
-                .node
-                .last_seen(name, rec.and_then(|r| r.last_seen_ms));
+            let seen = self.node.last_seen(name, rec.and_then(|r| r.last_seen_ms));
             let facts_ms = rec.and_then(|r| r.facts_ms);
             let (state, since_ms) = match presence.get(name) {
                 Some((true, s)) => (NodeState::Online, Some(*s)),

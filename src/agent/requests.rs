@@ -8,9 +8,8 @@ use super::commands::{command_of, result_view};
 use super::{Agent, MAX_WAITERS};
 use crate::control::reply::{
     InboxStatus, JobReply, JobView, JobsReply, LinkStatus, NodeReply, OutboxStatus, PeerStatus,
-    Poisoned,
-    Queued, Reply, RunningStatus, SecurityStatus, SendReply, StatusReply, StoreFailing, StoreLost,
-    StoreStatus, TargetView, TrustedStatus, WaitReply,
+    Poisoned, Queued, Reply, RunningStatus, SecurityStatus, SendReply, StatusReply, StoreFailing,
+    StoreLost, StoreStatus, TargetView, TrustedStatus, WaitReply,
 };
 use crate::control::{CommandSpec, Request};
 use crate::frame::{self, Body, Lane, Name};

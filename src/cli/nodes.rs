@@ -115,27 +115,46 @@ pub(super) fn run(args: NodesArgs) -> Result<ExitCode, String> {
 /// One node for people: what the registry knows, then every fact.
 fn print_node(n: &NodeView) {
     let now = crate::agent::now_ms();
-    let ago = |t: Option<u64>| t.map_or("never".to_string(), |t| format!("{} ago", age(now.saturating_sub(t))));
+    let ago = |t: Option<u64>| {
+        t.map_or("never".to_string(), |t| {
+            format!("{} ago", age(now.saturating_sub(t)))
+        })
+    };
     println!("node       {}", n.name);
     match n.since_ms {
-        Some(s) => println!("state      {} for {}", n.state.as_str(), age(now.saturating_sub(s))),
+        Some(s) => println!(
+            "state      {} for {}",
+            n.state.as_str(),
+            age(now.saturating_sub(s))
+        ),
         None => println!("state      {}", n.state.as_str()),
     }
     println!("last seen  {}", ago(n.last_seen_ms));
-    println!("facts      {}", ago(n.facts_ms).replace("never", "none yet"));
+    println!(
+        "facts      {}",
+        ago(n.facts_ms).replace("never", "none yet")
+    );
     for q in &n.outbox {
         let oldest = q.oldest_unacked_s.map_or("-".into(), |a| format!("{a}s"));
-        println!("outbox     {}: {} frames, oldest unacked {oldest}", q.lane, q.frames);
+        println!(
+            "outbox     {}: {} frames, oldest unacked {oldest}",
+            q.lane, q.frames
+        );
     }
     println!("running    {}", n.running);
     if let Some(e) = &n.last_error {
-        println!("last error {} ago: {}", age(now.saturating_sub(e.at_ms)), e.text);
+        println!(
+            "last error {} ago: {}",
+            age(now.saturating_sub(e.at_ms)),
+            e.text
+        );
     }
     let width = n.facts.keys().map(String::len).max().unwrap_or(0);
     for (k, v) in &n.facts {
         // Sizes are bytes on the wire; people read them better in units.
         let shown = if (k.starts_with("disk.") || k.starts_with("mem.")) && !k.ends_with("id") {
-            v.parse::<u64>().map_or(v.clone(), |b| format!("{v} ({})", format_size(b)))
+            v.parse::<u64>()
+                .map_or(v.clone(), |b| format!("{v} ({})", format_size(b)))
         } else {
             v.clone()
         };

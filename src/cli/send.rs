@@ -111,7 +111,11 @@ pub(super) fn run(args: SendArgs) -> Result<ExitCode, String> {
     let to = match args.to {
         Some(to) => to,
         None if !select.where_.is_empty() || select.online => "*".into(),
-        None => return Err("--to is needed (or --where / --online to pick nodes by their facts)".into()),
+        None => {
+            return Err(
+                "--to is needed (or --where / --online to pick nodes by their facts)".into(),
+            )
+        }
     };
     let mut client = common.client()?;
     let reply = client.send_selected(&to, &select, Some(&args.lane), ttl_s, command)?;

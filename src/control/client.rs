@@ -87,7 +87,11 @@ impl Client {
     }
 
     /// Trusted nodes `pattern` names (all without one) that `select` matches.
-    pub fn nodes(&mut self, pattern: Option<&str>, select: &Select) -> Result<Vec<NodeView>, String> {
+    pub fn nodes(
+        &mut self,
+        pattern: Option<&str>,
+        select: &Select,
+    ) -> Result<Vec<NodeView>, String> {
         let req = Request::Nodes {
             pattern: pattern.map(Into::into),
             where_: select.where_.clone(),

@@ -62,7 +62,10 @@ pub fn system(state_dir: &Path, files_dir: &Path) -> Snapshot {
         put(key, parts.next().map(str::to_string));
     }
     let meminfo = read("/proc/meminfo").unwrap_or_default();
-    for (key, field) in [("mem.total", "MemTotal:"), ("mem.available", "MemAvailable:")] {
+    for (key, field) in [
+        ("mem.total", "MemTotal:"),
+        ("mem.available", "MemAvailable:"),
+    ] {
         let kib = meminfo
             .lines()
             .find_map(|l| l.strip_prefix(field))
@@ -189,7 +192,11 @@ fn prefix_len_v4(mask: *const libc::sockaddr) -> u32 {
 /// A key given twice has its values joined with `, `. An entry that fails (exit
 /// status, timeout, unreadable, bad keys or values) is reported in the second
 /// list; its good lines still count.
-pub async fn custom(dir: &Path, tag: Option<String>, timeout: Duration) -> (Snapshot, Vec<Failure>) {
+pub async fn custom(
+    dir: &Path,
+    tag: Option<String>,
+    timeout: Duration,
+) -> (Snapshot, Vec<Failure>) {
     let mut facts = Snapshot::new();
     let mut failures = Vec::new();
     let mut entries: Vec<PathBuf> = match std::fs::read_dir(dir) {
@@ -298,7 +305,14 @@ mod tests {
         let dir = std::env::temp_dir();
         let f = system(&dir, &dir.join("does-not-exist/yet"));
         assert_eq!(f["arch"], std::env::consts::ARCH);
-        for key in ["hostname", "kernel", "boot.id", "boot.time", "load.15", "mem.total"] {
+        for key in [
+            "hostname",
+            "kernel",
+            "boot.id",
+            "boot.time",
+            "load.15",
+            "mem.total",
+        ] {
             assert!(f.contains_key(key), "{key} missing: {f:?}");
         }
         assert!(f.contains_key("disk.files.free"), "nearest parent: {f:?}");

@@ -432,7 +432,10 @@ mod tests {
         assert!(sel("os.version=23.*").matches(&facts));
         assert!(sel("os.version!=22.*").matches(&facts));
         assert!(!sel("os=openwrt").matches(&facts));
-        assert!(!sel("os!=openwrt").matches(&facts), "unknown matches neither");
+        assert!(
+            !sel("os!=openwrt").matches(&facts),
+            "unknown matches neither"
+        );
         assert!("arch".parse::<Selector>().is_err());
         assert!("a b=c".parse::<Selector>().is_err());
         assert_eq!(sel("arch!=mips").to_string(), "arch!=mips");

@@ -37,7 +37,14 @@ fn keygen(base: &Path, name: &str) -> String {
 /// `on` trusts `peer` (with `key`), allowing it `allow` (empty: nothing).
 fn trust(base: &Path, on: &str, peer: &str, key: &str, allow: &str) {
     let dir = base.join(on);
-    let mut args = vec!["keys", "trust", "--state-dir", dir.to_str().unwrap(), peer, key];
+    let mut args = vec![
+        "keys",
+        "trust",
+        "--state-dir",
+        dir.to_str().unwrap(),
+        peer,
+        key,
+    ];
     if !allow.is_empty() {
         args.extend(["--allow", allow]);
     }
@@ -60,12 +67,18 @@ fn node(central: &Agent, name: &str) -> Value {
 }
 
 fn fact(central: &Agent, name: &str, key: &str) -> Option<String> {
-    node(central, name)["facts"][key].as_str().map(str::to_string)
+    node(central, name)["facts"][key]
+        .as_str()
+        .map(str::to_string)
 }
 
 /// Lines of the agent's log (all starts) containing `needle`.
 fn count_log(agent: &Agent, needle: &str) -> usize {
-    agent.full_log().lines().filter(|l| l.contains(needle)).count()
+    agent
+        .full_log()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
 }
 
 #[test]
@@ -87,7 +100,14 @@ fn facts_reach_central_and_nodes_show_shows_them() {
     assert_eq!(facts["site"], "north");
     assert_eq!(facts["arch"], std::env::consts::ARCH);
     assert_eq!(facts["outpost.version"], env!("CARGO_PKG_VERSION"));
-    for key in ["hostname", "kernel", "boot.id", "boot.time", "load.15", "mem.total"] {
+    for key in [
+        "hostname",
+        "kernel",
+        "boot.id",
+        "boot.time",
+        "load.15",
+        "mem.total",
+    ] {
         assert!(facts[key].is_string(), "{key} missing: {n}");
     }
     assert!(facts["uptime"].is_null(), "uptime is not a fact");
@@ -99,7 +119,11 @@ fn facts_reach_central_and_nodes_show_shows_them() {
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("node       ship1"), "{text}");
-    assert!(text.lines().any(|l| l.contains("role") && l.contains("gateway")), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("role") && l.contains("gateway")),
+        "{text}"
+    );
     let out = central.cli(&["nodes", "show", "ship1", "--json"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["facts"]["model"], "pi4");
@@ -197,19 +221,25 @@ fn where_and_online_pick_the_nodes_send_goes_to_and_untrusted_agents_never_appea
     trust(base, "shipx", "central", &c, "exec,ping");
     let broker = Broker::start();
     let central = Agent::start_with("central", &broker.url(), base, &[]);
-    let fd = |n: &str| base.join(format!("{n}-facts.d")).to_str().unwrap().to_string();
+    let fd = |n: &str| {
+        base.join(format!("{n}-facts.d"))
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
     let _ship1 = Agent::start_with("ship1", &broker.url(), base, &["--facts-dir", &fd("ship1")]);
     let _ship2 = Agent::start_with("ship2", &broker.url(), base, &["--facts-dir", &fd("ship2")]);
     let _shipx = Agent::start_with("shipx", &broker.url(), base, &[]);
     for ship in ["ship1", "ship2"] {
-        wait_until("facts at central", LONG, || fact(&central, ship, "role").is_some());
+        wait_until("facts at central", LONG, || {
+            fact(&central, ship, "role").is_some()
+        });
     }
     wait_until("both online", LONG, || {
         central.sees_online("ship1") && central.sees_online("ship2")
     });
 
-    let nodes: Value =
-        serde_json::from_slice(&central.cli(&["nodes", "--json"]).stdout).unwrap();
+    let nodes: Value = serde_json::from_slice(&central.cli(&["nodes", "--json"]).stdout).unwrap();
     let names: Vec<&str> = nodes
         .as_array()
         .unwrap()
@@ -221,7 +251,11 @@ fn where_and_online_pick_the_nodes_send_goes_to_and_untrusted_agents_never_appea
     assert!(nodes[2]["facts"].as_object().unwrap().is_empty());
     let out = central.cli(&["nodes"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.lines().any(|l| l.starts_with("ship3") && l.contains("never seen")), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ship3") && l.contains("never seen")),
+        "{text}"
+    );
     assert!(!text.contains("shipx"), "{text}");
     let arch = format!("arch={}", std::env::consts::ARCH);
     let picked = |args: &[&str]| -> Vec<String> {
@@ -234,14 +268,33 @@ fn where_and_online_pick_the_nodes_send_goes_to_and_untrusted_agents_never_appea
             .map(|n| n["name"].as_str().unwrap().to_string())
             .collect()
     };
-    assert_eq!(picked(&["nodes", "--where", &arch, "--json"]), ["ship1", "ship2"]);
-    assert_eq!(picked(&["nodes", "--where", "role!=gateway", "--json"]), ["ship2"]);
-    assert_eq!(picked(&["nodes", "--online", "--to", "ship*", "--json"]), ["ship1", "ship2"]);
+    assert_eq!(
+        picked(&["nodes", "--where", &arch, "--json"]),
+        ["ship1", "ship2"]
+    );
+    assert_eq!(
+        picked(&["nodes", "--where", "role!=gateway", "--json"]),
+        ["ship2"]
+    );
+    assert_eq!(
+        picked(&["nodes", "--online", "--to", "ship*", "--json"]),
+        ["ship1", "ship2"]
+    );
     let out = central.cli(&["nodes", "--where", "role=captain"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
 
     // send: the same selectors, through the agent's one target rule.
-    let out = central.cli(&["send", "--to", "ship*", "--where", "role=gateway", "exec", "--", "echo", "hi"]);
+    let out = central.cli(&[
+        "send",
+        "--to",
+        "ship*",
+        "--where",
+        "role=gateway",
+        "exec",
+        "--",
+        "echo",
+        "hi",
+    ]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ship1: hi\n");
     let targets = |args: &[&str]| -> Vec<String> {
@@ -256,7 +309,16 @@ fn where_and_online_pick_the_nodes_send_goes_to_and_untrusted_agents_never_appea
             .collect()
     };
     assert_eq!(
-        targets(&["send", "--where", "role!=gateway", "--where", &arch, "--async", "--json", "ping"]),
+        targets(&[
+            "send",
+            "--where",
+            "role!=gateway",
+            "--where",
+            &arch,
+            "--async",
+            "--json",
+            "ping"
+        ]),
         ["ship2"]
     );
     assert_eq!(
@@ -269,11 +331,16 @@ fn where_and_online_pick_the_nodes_send_goes_to_and_untrusted_agents_never_appea
         "{out:?}"
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["targets"].as_array().unwrap().len(), 3, "globs match trusted nodes, seen or not");
+    assert_eq!(
+        v["targets"].as_array().unwrap().len(),
+        3,
+        "globs match trusted nodes, seen or not"
+    );
     let out = central.cli(&["send", "--where", "role=captain", "ping"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("no trusted node named by \"*\" matches --where role=captain"),
+        String::from_utf8_lossy(&out.stderr)
+            .contains("no trusted node named by \"*\" matches --where role=captain"),
         "{out:?}"
     );
     let out = central.cli(&["send", "--to", "ship3", "--online", "ping"]);
@@ -282,7 +349,11 @@ fn where_and_online_pick_the_nodes_send_goes_to_and_untrusted_agents_never_appea
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not in this node's trust file"));
     let out = central.cli(&["send", "--to", "shipx*", "ping"]);
-    assert_eq!(out.status.code(), Some(2), "a glob never reaches an untrusted agent");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a glob never reaches an untrusted agent"
+    );
     let out = central.cli(&["nodes", "show", "shipx"]);
     assert_eq!(out.status.code(), Some(2));
 }
