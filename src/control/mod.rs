@@ -170,6 +170,55 @@ mod tests {
     }
 
     #[test]
+    fn nodes_node_and_selected_sends_parse_as_documented() {
+        assert_eq!(
+            parse_request(br#"{"op":"nodes","pattern":"ship*","where":["arch=mips","os!=debian"],"online":true}"#)
+                .unwrap(),
+            Request::Nodes {
+                pattern: Some("ship*".into()),
+                where_: vec!["arch=mips".into(), "os!=debian".into()],
+                online: true,
+            }
+        );
+        assert_eq!(
+            parse_request(br#"{"op":"nodes"}"#).unwrap(),
+            Request::Nodes {
+                pattern: None,
+                where_: vec![],
+                online: false
+            }
+        );
+        assert_eq!(
+            parse_request(br#"{"op":"node","name":"ship1"}"#).unwrap(),
+            Request::Node {
+                name: "ship1".into()
+            }
+        );
+        let r = parse_request(
+            br#"{"op":"send","to":"ship*","where":["os=openwrt"],"online":true,"command":"ping"}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(r, Request::Send { ref where_, online: true, .. } if where_ == &["os=openwrt"]),
+            "{r:?}"
+        );
+        // Written without the selectors when there are none, as before.
+        let plain = serde_json::to_string(&Request::Send {
+            to: "a".into(),
+            lane: None,
+            ttl_s: None,
+            command: CommandSpec::Ping,
+            where_: vec![],
+            online: false,
+        })
+        .unwrap();
+        assert_eq!(
+            plain,
+            r#"{"op":"send","to":"a","lane":null,"ttl_s":null,"command":"ping"}"#
+        );
+    }
+
+    #[test]
     fn arbitrary_bytes_never_panic_the_request_parser() {
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         let sample = br#"{"op":"send","to":"a,b*","lane":"ordered","ttl_s":5,"command":{"exec":{"argv":["x"],"env":[["A","1"]]}}}"#;

@@ -659,6 +659,54 @@ mod tests {
         assert!(line.contains("\"trusted\":[{\"name\":\"ship1\",\"allow\":[\"exec\",\"files\"]}],\"rejected\":{\"replay\":2},\"last_rejected\":{}}}"), "{line}");
     }
 
+    const NODE: &str = r#"{"name":"ship1","state":"online","since_ms":1763800000000,"last_seen_ms":1763800300000,"facts_ms":1763800000500,"outbox":[{"lane":"ordered","frames":2,"oldest_unacked_s":30}],"running":1,"last_error":null,"facts":{"arch":"mips","os":"openwrt","os.version":"23.05.3"}}"#;
+
+    fn node() -> NodeView {
+        NodeView {
+            name: "ship1".into(),
+            state: NodeState::Online,
+            since_ms: Some(1763800000000),
+            last_seen_ms: Some(1763800300000),
+            facts_ms: Some(1763800000500),
+            outbox: vec![LaneQueue {
+                lane: "ordered".into(),
+                frames: 2,
+                oldest_unacked_s: Some(30),
+            }],
+            running: 1,
+            last_error: None,
+            facts: BTreeMap::from([
+                ("arch".to_string(), "mips".to_string()),
+                ("os".to_string(), "openwrt".to_string()),
+                ("os.version".to_string(), "23.05.3".to_string()),
+            ]),
+        }
+    }
+
+    #[test]
+    fn nodes_and_node_replies_are_the_documented_json() {
+        assert_eq!(
+            line(Reply::Nodes(NodesReply {
+                nodes: vec![node()]
+            })),
+            format!("{{\"ok\":true,\"nodes\":[{NODE}]}}\n")
+        );
+        assert_eq!(
+            line(Reply::Node(NodeReply { node: node() })),
+            format!("{{\"ok\":true,\"node\":{NODE}}}\n")
+        );
+        let mut never = node();
+        never.state = NodeState::NeverSeen;
+        never.last_error = Some(NodeError {
+            at_ms: 5,
+            text: "frame control#3 from ship1 was lost: crc".into(),
+        });
+        let v: serde_json::Value =
+            serde_json::from_slice(&Reply::Node(NodeReply { node: never }).to_line()).unwrap();
+        assert_eq!(v["node"]["state"], "never seen");
+        assert_eq!(v["node"]["last_error"]["at_ms"], 5);
+    }
+
     #[test]
     fn replies_read_back_as_the_types_they_were_written_from() {
         let job = exec_job();
