@@ -393,8 +393,11 @@ impl Agent {
                     for_s: now.saturating_sub(r.started_ms) / 1000,
                 })
                 .collect(),
+            // Presence is recorded for trusted peers only; one since dropped from
+            // the trust file is not listed either.
             peers: peers
                 .iter()
+                .filter(|(n, _, _)| self.node.trusts(n))
                 .map(|(n, online, since)| PeerStatus {
                     name: n.to_string(),
                     online: *online,
