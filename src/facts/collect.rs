@@ -190,8 +190,8 @@ fn prefix_len_v4(mask: *const libc::sockaddr) -> u32 {
 /// executables are run (argv is just the path, cwd `dir`, no stdin, `timeout`,
 /// output capped) and print `KEY=VALUE` lines; other files are read as such lines.
 /// A key given twice has its values joined with `, `. An entry that fails (exit
-/// status, timeout, unreadable, bad keys or values) is reported in the second
-/// list; its good lines still count.
+/// status, timeout, too much output, unreadable) gives nothing; one with bad keys
+/// or values gives its good lines; both are reported in the second list.
 pub async fn custom(
     dir: &Path,
     tag: Option<String>,

@@ -88,6 +88,14 @@ fn facts_reach_central_and_nodes_show_shows_them() {
     trust(tmp.path(), "ship1", "central", &c, "exec");
     trust(tmp.path(), "central", "ship1", &s, "");
     let dir = facts_dir(tmp.path(), "ship1", "gateway");
+    // A failing entry: its good lines count, and it is named and logged.
+    let broken = Path::new(&dir).join("broken.sh");
+    std::fs::write(
+        &broken,
+        "#!/bin/sh\necho half=done\necho no sensor >&2\nexit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
     let broker = Broker::start();
     let central = Agent::start_with("central", &broker.url(), tmp.path(), &[]);
     let ship = Agent::start_with("ship1", &broker.url(), tmp.path(), &["--facts-dir", &dir]);
@@ -98,6 +106,17 @@ fn facts_reach_central_and_nodes_show_shows_them() {
     let facts = &n["facts"];
     assert_eq!(facts["role"], "gateway", "{n}");
     assert_eq!(facts["site"], "north");
+    assert_eq!(facts["facts.failed"], "broken.sh", "{n}");
+    assert!(
+        facts["half"].is_null(),
+        "a failing program's output is not taken"
+    );
+    assert!(
+        ship.full_log()
+            .contains("facts_dir entry broken.sh failed: exit status 3: no sensor"),
+        "{}",
+        ship.log()
+    );
     assert_eq!(facts["arch"], std::env::consts::ARCH);
     assert_eq!(facts["outpost.version"], env!("CARGO_PKG_VERSION"));
     for key in [
