@@ -33,6 +33,8 @@ const LONG: Duration = Duration::from_secs(600);
 
 fn append(n: usize, file: &Path) -> Request {
     Request::Send {
+        where_: vec![],
+        online: false,
         to: "node".into(),
         lane: None,
         ttl_s: None,

@@ -50,6 +50,9 @@ pub struct FileConfig {
     pub files_dir: Option<PathBuf>,
     pub share_dirs: Option<Vec<PathBuf>>,
     pub chunk_size: Option<String>,
+    pub facts_dir: Option<PathBuf>,
+    pub facts_refresh: Option<String>,
+    pub facts_interval: Option<String>,
 }
 
 impl FileConfig {
@@ -108,7 +111,10 @@ impl FileConfig {
             client_key,
             files_dir,
             share_dirs,
-            chunk_size
+            chunk_size,
+            facts_dir,
+            facts_refresh,
+            facts_interval
         );
         self
     }
@@ -165,6 +171,15 @@ pub struct Config {
     /// Directories whose files peers may fetch with `files get`.
     pub share_dirs: Vec<PathBuf>,
     pub chunk_size: u32,
+    /// Custom facts: every executable (its output) or other file (its content) of
+    /// `KEY=VALUE` lines in it.
+    pub facts_dir: Option<PathBuf>,
+    /// A full set of facts goes to each peer at least this often.
+    #[serde(serialize_with = "secs")]
+    pub facts_refresh: Duration,
+    /// Facts are read and compared this often (only changes are sent).
+    #[serde(serialize_with = "secs")]
+    pub facts_interval: Duration,
 }
 
 fn display<S: serde::Serializer>(v: &BrokerUrl, s: S) -> Result<S::Ok, S::Error> {
@@ -222,8 +237,28 @@ impl Config {
         if !(1024..=512 * 1024).contains(&chunk_size) {
             return Err("chunk_size: between 1KiB and 512KiB".into());
         }
+        let facts_refresh = opt(
+            raw.facts_refresh.as_deref(),
+            "facts_refresh",
+            parse_duration,
+        )?
+        .unwrap_or(Duration::from_secs(24 * 3600));
+        let facts_interval = opt(
+            raw.facts_interval.as_deref(),
+            "facts_interval",
+            parse_duration,
+        )?
+        .unwrap_or(Duration::from_secs(300));
+        if facts_interval < Duration::from_secs(1) || facts_refresh < facts_interval {
+            return Err(
+                "facts_interval: at least 1s, and facts_refresh at least facts_interval".into(),
+            );
+        }
         let state_dir: PathBuf = raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
         Ok(Config {
+            facts_dir: raw.facts_dir,
+            facts_refresh,
+            facts_interval,
             files_dir: raw.files_dir.unwrap_or_else(|| state_dir.join("files")),
             share_dirs: raw.share_dirs.unwrap_or_default(),
             chunk_size: chunk_size as u32,

@@ -268,7 +268,9 @@ pub enum Body {
 
 /// Facts about a node, as a change against the facts it sent before on the same
 /// stream (which the receiver has, as the stream delivers every frame once and in
-/// order), or all of them when `full`.
+/// order), or all of them when `full`. Sent on the control lane to the peers the
+/// node's trust file allows anything; see [`crate::facts`] for the keys and when
+/// a change is worth a frame.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Facts {
     /// Everything the sender knows is in `set`: facts the receiver holds that are

@@ -8,6 +8,8 @@
 //! - [`delivery`]: per-stream sequencing, acks and resend decisions; pure, takes `now`.
 //! - [`node`]: store and delivery wired into one synchronous protocol core.
 //! - [`exec`]: running processes: timeouts, process groups, output caps.
+//! - [`facts`]: facts about a node, when a change is worth sending, the change;
+//!   [`facts::collect`] reads them from the system and `facts_dir`.
 //! - [`files`]: file ids, landing paths, chunked reads and writes, verification.
 //! - [`link`]: the MQTT connection to the broker; the only module that knows rumqttc
 //!   and tokio.
@@ -31,6 +33,7 @@ pub mod control;
 pub mod delivery;
 pub mod demo;
 pub mod exec;
+pub mod facts;
 pub mod files;
 pub mod frame;
 pub mod link;

@@ -27,6 +27,8 @@ pub fn enqueue(r: &mut Report, o: &Opts) {
         pair.link_down();
         let mut client = Client::connect(&pair.central.dir).expect("control socket");
         let send = Request::Send {
+            where_: vec![],
+            online: false,
             to: "node".into(),
             lane: Some("ordered".into()),
             ttl_s: None,

@@ -330,6 +330,8 @@ fn enqueue(central: &Agent, gate: &Gate, kind: Kind, n: usize) -> (i64, Vec<i64>
     let mut client = control::Client::connect(&central.dir).expect("central control socket");
     let mut send = |command: CommandSpec| {
         let req = Request::Send {
+            where_: vec![],
+            online: false,
             to: "node".into(),
             lane: Some("ordered".into()),
             ttl_s: None,

@@ -115,6 +115,8 @@ impl Pair {
     /// Queues one command on `lane` and returns its job id.
     pub fn send(&self, lane: &str, command: CommandSpec) -> i64 {
         let req = Request::Send {
+            where_: vec![],
+            online: false,
             to: "node".into(),
             lane: Some(lane.into()),
             ttl_s: None,
@@ -127,6 +129,8 @@ impl Pair {
     /// Queues one command on `lane` through an open control connection.
     pub fn send_on(&self, client: &mut Client, lane: &str, command: CommandSpec) -> i64 {
         let req = Request::Send {
+            where_: vec![],
+            online: false,
             to: "node".into(),
             lane: Some(lane.into()),
             ttl_s: None,

@@ -30,7 +30,9 @@ use crate::trust::Trust;
 use crate::{debug, error, info, warn};
 
 mod commands;
+mod facts;
 mod files;
+mod nodes;
 mod os;
 mod requests;
 mod session;
@@ -54,6 +56,8 @@ enum Msg {
     Done(Box<Inbound>, Box<CmdResult>),
     /// SIGTERM or SIGINT: stop children, record them, leave.
     Stop(i32),
+    /// Facts read from `facts_dir`, and its entries that failed.
+    Facts(Box<(crate::facts::Snapshot, Vec<crate::facts::collect::Failure>)>),
 }
 
 /// Control clients that may wait for jobs at once; past it `wait` is refused.
@@ -196,6 +200,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
         store_retry_ms: 0,
         stopping: None,
         tag,
+        facts: facts::FactsState::default(),
+        links: facts::LinkCounters::default(),
     };
     agent.refresh_trust();
     agent.drive();
@@ -251,6 +257,9 @@ struct Agent {
     stopping: Option<(i32, Instant)>,
     /// [`exec::TAG_VAR`] for this agent's commands.
     tag: String,
+    /// When facts are read next (see `facts.rs`).
+    facts: facts::FactsState,
+    links: facts::LinkCounters,
 }
 
 impl Agent {
@@ -280,6 +289,10 @@ impl Agent {
             let d = Duration::from_millis(t.saturating_sub(now));
             wake = Some(wake.map_or(d, |w| w.min(d)));
         }
+        if let Some(t) = self.facts_wake() {
+            let d = Duration::from_millis(t.saturating_sub(now));
+            wake = Some(wake.map_or(d, |w| w.min(d)));
+        }
         if self.node.files_active() {
             // Transfers and expiring files are swept by the clock, not by events.
             let d = Duration::from_secs(2);
@@ -306,6 +319,8 @@ impl Agent {
             Msg::Link(LinkEvent::Connected { .. }) => {
                 self.link_since_ms = now;
                 self.node.on_connected(now);
+                self.links.connected();
+                self.facts_soon();
             }
             Msg::Link(LinkEvent::Disconnected { error }) => {
                 if self.node.is_connected() {
@@ -323,6 +338,7 @@ impl Agent {
                 payload,
                 ack,
             }) => {
+                self.links.count(now, payload.len(), 0);
                 self.on_message(&topic, &payload, now);
                 // PUBACK only now: whatever we keep of it is committed.
                 self.link.ack(ack);
@@ -356,6 +372,10 @@ impl Agent {
                 }
                 self.unrecorded.push((inbound, result));
                 self.record_results(now);
+            }
+            Msg::Facts(b) => {
+                let (custom, failures) = *b;
+                self.report_facts(custom, failures, now);
             }
             Msg::Stop(sig) => {
                 if self.stopping.is_none() {
@@ -450,6 +470,10 @@ impl Agent {
             self.refresh_trust();
             match self.node.on_payload(payload, now) {
                 Ok(report) => {
+                    if report.synced.is_some() {
+                        // A peer's new (or first) store may lack our facts.
+                        self.facts_soon();
+                    }
                     self.on_report(report);
                     self.note_store(None, now);
                 }
@@ -526,6 +550,9 @@ impl Agent {
             self.note_store(taken.err().map(|e| e.to_string()), now);
         }
         self.announce_running(now);
+        if self.stopping.is_none() {
+            self.collect_facts(now);
+        }
         if let Err(e) = self.node.pump_files(now) {
             error!("cannot queue file chunks: {e}");
         }
@@ -540,6 +567,7 @@ impl Agent {
                     if refused.contains(&p.to) {
                         continue;
                     }
+                    let n = p.bytes.len();
                     if let Err(e) = self.link.publish(&self.cfg.inbox_topic(&p.to), p.bytes) {
                         if matches!(e, LinkError::Busy) {
                             self.retry_at = Some(Instant::now() + Duration::from_millis(20));
@@ -547,6 +575,8 @@ impl Agent {
                             warn!("cannot publish to {}: {e}", p.to);
                         }
                         refused.push(p.to.clone());
+                    } else {
+                        self.links.count(now, 0, n);
                     }
                 }
                 for peer in refused {

@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use super::commands::{command_of, result_view};
 use super::{Agent, MAX_WAITERS};
 use crate::control::reply::{
-    CancelReply, CancelView, InboxStatus, JobReply, JobView, JobsReply, LinkStatus, OutboxStatus,
-    PeerStatus, Poisoned, PurgeReply, QueueItem, QueueReply, Queued, Reply, RunningStatus,
-    SecurityStatus, SendReply, StatusReply, StoreFailing, StoreLost, StoreStatus, Superseded,
-    TargetView, TrustedStatus, WaitReply,
+    CancelReply, CancelView, InboxStatus, JobReply, JobView, JobsReply, LinkStatus, NodeReply,
+    OutboxStatus, PeerStatus, Poisoned, PurgeReply, QueueItem, QueueReply, Queued, Reply,
+    RunningStatus, SecurityStatus, SendReply, StatusReply, StoreFailing, StoreLost, StoreStatus,
+    Superseded, TargetView, TrustedStatus, WaitReply,
 };
 use crate::control::{CommandSpec, Request};
 use crate::frame::{self, Body, Lane, Name};
@@ -34,8 +34,13 @@ impl Agent {
                 ttl_s,
                 key,
                 command,
-            } => self
-                .send(&to, lane.as_deref(), ttl_s, key.as_deref(), command, now)
+                where_,
+                online,
+            } => super::nodes::selectors(&where_)
+                .and_then(|sel| {
+                    let targets = self.resolve_selected(&to, &sel, online)?;
+                    self.send(targets, lane.as_deref(), ttl_s, key.as_deref(), command, now)
+                })
                 .map(Reply::Send),
             Request::Cancel { id, node } => self.cancel(id, node.as_deref(), now).map(Reply::Cancel),
             Request::Queue { node, limit } => self.queue(&node, limit, now).map(Reply::Queue),
@@ -78,6 +83,16 @@ impl Agent {
             Request::FilesList => self.files_list(now).map(Reply::FilesList),
             Request::Transfer { id } => self.transfer(id, now).map(Reply::Transfer),
             Request::FilesRm { id } => self.files_rm(&id).map(Reply::FilesRm),
+            Request::Nodes {
+                pattern,
+                where_,
+                online,
+            } => self
+                .nodes(pattern.as_deref(), &where_, online, now)
+                .map(Reply::Nodes),
+            Request::Node { name } => self
+                .node_view(&name, now)
+                .map(|node| Reply::Node(NodeReply { node })),
         };
         Some(r.unwrap_or_else(Reply::Error))
     }
@@ -139,7 +154,7 @@ impl Agent {
 
     fn send(
         &mut self,
-        to: &str,
+        (targets, notes): (Vec<Name>, Vec<String>),
         lane: Option<&str>,
         ttl_s: Option<u32>,
         key: Option<&str>,
@@ -156,7 +171,6 @@ impl Agent {
             None => frame::default_lane(),
         };
         let (command, summary) = command_of(spec)?;
-        let (targets, notes) = self.resolve_targets(to)?;
         let method = command.method();
         let items = targets
             .iter()
@@ -329,11 +343,24 @@ impl Agent {
     }
 
     /// The nodes `to` names: comma-separated names and glob patterns (`*`, `?`).
-    /// Patterns match trusted peers seen online; plain names must be trusted (a
-    /// peer that is not could never open what is sealed for it here) and not this
-    /// node. Notes say which targets are not online. One rule for every request
-    /// that takes `to`.
+    /// Patterns match trusted nodes, online or not; plain names must be trusted
+    /// (a peer that is not could never open what is sealed for it here) and not
+    /// this node. Notes say which targets are not online. One rule for every
+    /// request that takes `to`.
     pub(crate) fn resolve_targets(&self, to: &str) -> Result<(Vec<Name>, Vec<String>), String> {
+        self.resolve_selected(to, &[], false)
+    }
+
+    /// As [`Agent::resolve_targets`], keeping only the nodes whose facts match
+    /// every selector (a node that never reported a key matches neither
+    /// `KEY=VALUE` nor `KEY!=VALUE`), and with `online` only those whose presence
+    /// says online. Selecting nothing is an error that says what matched nothing.
+    pub(crate) fn resolve_selected(
+        &self,
+        to: &str,
+        select: &[crate::facts::Selector],
+        online: bool,
+    ) -> Result<(Vec<Name>, Vec<String>), String> {
         let peers = self.node.store().peers().map_err(|e| e.to_string())?;
         let mut targets: Vec<Name> = Vec::new();
         let mut notes: Vec<String> = Vec::new();
@@ -344,15 +371,14 @@ impl Agent {
                 ));
             }
             if part.contains(['*', '?']) {
-                let matched: Vec<&Name> = peers
-                    .iter()
-                    .filter(|(n, online, _)| {
-                        *online && self.node.trusts(n) && glob(part, n.as_str())
-                    })
-                    .map(|(n, _, _)| n)
+                let matched: Vec<&Name> = self
+                    .trust
+                    .peers
+                    .keys()
+                    .filter(|n| **n != self.cfg.name && glob(part, n.as_str()))
                     .collect();
                 if matched.is_empty() {
-                    return Err(format!("no trusted node seen online matches {part:?}"));
+                    return Err(format!("no trusted node matches {part:?}"));
                 }
                 targets.extend(matched.into_iter().cloned());
                 continue;
@@ -366,7 +392,26 @@ impl Agent {
                     "{name} is not in this node's trust file, so nothing sent to it could be sealed; trust it first: outpost keys trust {name} PUBLIC-KEY"
                 ));
             }
-            match peers.iter().find(|(n, _, _)| *n == name) {
+            targets.push(name);
+        }
+        targets.sort();
+        targets.dedup();
+        if targets.is_empty() {
+            return Err("no target nodes given (--to)".into());
+        }
+        self.selected(&mut targets, select, online)?;
+        if targets.is_empty() {
+            let mut what: Vec<String> = select.iter().map(|s| format!("--where {s}")).collect();
+            if online {
+                what.push("--online".into());
+            }
+            return Err(format!(
+                "no trusted node named by {to:?} matches {}",
+                what.join(" ")
+            ));
+        }
+        for name in &targets {
+            match peers.iter().find(|(n, _, _)| n == name) {
                 None => notes.push(format!(
                     "{name} has never been seen; queued until it connects"
                 )),
@@ -375,12 +420,6 @@ impl Agent {
                 }
                 Some(_) => {}
             }
-            targets.push(name);
-        }
-        targets.sort();
-        targets.dedup();
-        if targets.is_empty() {
-            return Err("no target nodes given (--to)".into());
         }
         if !self.node.is_connected() {
             // What a peer looks like says nothing while this agent cannot reach
@@ -509,8 +548,11 @@ impl Agent {
                     for_s: now.saturating_sub(r.started_ms) / 1000,
                 })
                 .collect(),
+            // Presence is recorded for trusted peers only; one since dropped from
+            // the trust file is not listed either.
             peers: peers
                 .iter()
+                .filter(|(n, _, _)| self.node.trusts(n))
                 .map(|(n, online, since)| PeerStatus {
                     name: n.to_string(),
                     online: *online,

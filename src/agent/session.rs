@@ -42,6 +42,8 @@ impl Agent {
                     .map(|p| p.name.clone())
                     .collect();
                 self.node.set_files_peers(files);
+                self.node.set_facts_peers(self.facts_peers());
+                self.facts_soon();
                 self.subscribe_presence();
             }
             Err(e) if first && self.trust.peers.is_empty() => error!(

@@ -74,6 +74,15 @@ pub struct AgentArgs {
     /// file chunk size (default 16KiB; smaller suits slow links)
     #[argh(option)]
     pub chunk_size: Option<String>,
+    /// custom facts: executables printing KEY=VALUE lines, or files of them
+    #[argh(option)]
+    pub facts_dir: Option<PathBuf>,
+    /// send a full set of facts at least this often (default 24h)
+    #[argh(option)]
+    pub facts_refresh: Option<String>,
+    /// read facts and send what changed this often (default 5m)
+    #[argh(option)]
+    pub facts_interval: Option<String>,
 }
 
 impl AgentArgs {
@@ -99,6 +108,9 @@ impl AgentArgs {
             files_dir: self.files_dir.clone(),
             share_dirs: (!self.share_dir.is_empty()).then(|| self.share_dir.clone()),
             chunk_size: self.chunk_size.clone(),
+            facts_dir: self.facts_dir.clone(),
+            facts_refresh: self.facts_refresh.clone(),
+            facts_interval: self.facts_interval.clone(),
         }
     }
 }

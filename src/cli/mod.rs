@@ -20,6 +20,7 @@ mod agent;
 mod files;
 mod jobs;
 mod keys;
+mod nodes;
 mod queue;
 mod send;
 mod status;
@@ -94,6 +95,7 @@ pub enum Cmd {
     Jobs(jobs::JobsArgs),
     Queue(queue::QueueArgs),
     Status(status::StatusArgs),
+    Nodes(nodes::NodesArgs),
     Config(ConfigArgs),
     Keys(keys::KeysArgs),
     Files(files::FilesArgs),
@@ -188,6 +190,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
         Cmd::Jobs(args) => jobs::run(args),
         Cmd::Queue(args) => queue::run(args),
         Cmd::Status(args) => status::run(args),
+        Cmd::Nodes(args) => nodes::run(args),
         Cmd::Config(c) => match c.cmd {
             ConfigCmd::Check(check) => config_check(check),
         },

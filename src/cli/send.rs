@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::{client_args, duration_flag, Common};
 use crate::config;
 use crate::control::reply::{JobView, ResultView};
-use crate::control::{Client, CommandSpec, Request};
+use crate::control::{Client, CommandSpec, Request, Select};
 
 /// Largest stdin `send` passes to a command (it travels in one frame).
 pub(super) const MAX_STDIN: usize = 256 * 1024;
@@ -20,9 +20,18 @@ client_args! {
     /// send a command to nodes; waits for results unless --async
     #[argh(subcommand, name = "send")]
     pub struct SendArgs {
-        /// target nodes: comma-separated names and glob patterns (e.g. ship1,wind-*)
+        /// target nodes: comma-separated names and glob patterns (e.g. ship1,wind-*);
+        /// patterns match trusted nodes, online or not (default with --where or
+        /// --online: every trusted node)
         #[argh(option)]
-        pub to: String,
+        pub to: Option<String>,
+        /// only nodes whose facts match, KEY=VALUE or KEY!=VALUE, the value a glob
+        /// (repeatable: all must match), e.g. --where os=openwrt
+        #[argh(option, long = "where")]
+        pub where_: Vec<String>,
+        /// only nodes whose presence says online
+        #[argh(switch)]
+        pub online: bool,
         /// ordered (default, one after another) or parallel
         #[argh(option, default = "String::from(\"ordered\")")]
         pub lane: String,
@@ -99,13 +108,28 @@ pub(super) fn run(args: SendArgs) -> Result<ExitCode, String> {
     let ttl_s = duration_flag("--ttl", args.ttl.as_deref())?
         .map(|d| d.as_secs().clamp(1, u64::from(u32::MAX)) as u32);
     let command = command_spec(args.method, timeout_ms)?;
+    let select = Select {
+        where_: args.where_,
+        online: args.online,
+    };
+    let to = match args.to {
+        Some(to) => to,
+        None if !select.where_.is_empty() || select.online => "*".into(),
+        None => {
+            return Err(
+                "--to is needed (or --where / --online to pick nodes by their facts)".into(),
+            )
+        }
+    };
     let mut client = common.client()?;
     let reply = client.submit(&Request::Send {
-        to: args.to.clone(),
+        to,
         lane: Some(args.lane.clone()),
         ttl_s,
         key: args.key.clone(),
         command,
+        where_: select.where_.clone(),
+        online: select.online,
     })?;
     for note in &reply.notes {
         eprintln!("outpost: {note}");

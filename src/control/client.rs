@@ -11,10 +11,18 @@ use serde_json::Value;
 
 use super::reply::{
     CancelReply, FilesGetReply, FilesListReply, FilesPutReply, FilesRmReply, JobReply, JobView,
-    JobsReply, PurgeReply, QueueReply, SendReply, StatusReply, TransferReply, TransferView,
-    WaitReply,
+    JobsReply, NodeReply, NodeView, NodesReply, PurgeReply, QueueReply, SendReply, StatusReply,
+    TransferReply, TransferView, WaitReply,
 };
 use super::{socket_path, CommandSpec, Request};
+
+/// Which of the nodes a request names it is for: fact selectors (`KEY=VALUE`,
+/// `KEY!=VALUE`) and online only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Select {
+    pub where_: Vec<String>,
+    pub online: bool,
+}
 
 /// How long a plain request may take to be answered.
 const CALL: Duration = Duration::from_secs(60);
@@ -55,12 +63,26 @@ impl Client {
         ttl_s: Option<u32>,
         command: CommandSpec,
     ) -> Result<SendReply, String> {
+        self.send_selected(to, &Select::default(), lane, ttl_s, command)
+    }
+
+    /// As [`Client::send`], to the nodes `to` names that `select` also matches.
+    pub fn send_selected(
+        &mut self,
+        to: &str,
+        select: &Select,
+        lane: Option<&str>,
+        ttl_s: Option<u32>,
+        command: CommandSpec,
+    ) -> Result<SendReply, String> {
         let req = Request::Send {
             to: to.into(),
             lane: lane.map(Into::into),
             ttl_s,
             key: None,
             command,
+            where_: select.where_.clone(),
+            online: select.online,
         };
         self.submit(&req)
     }
@@ -95,6 +117,26 @@ impl Client {
             lane: lane.map(Into::into),
         };
         self.typed(&req, CALL)
+    }
+
+    /// Trusted nodes `pattern` names (all without one) that `select` matches.
+    pub fn nodes(
+        &mut self,
+        pattern: Option<&str>,
+        select: &Select,
+    ) -> Result<Vec<NodeView>, String> {
+        let req = Request::Nodes {
+            pattern: pattern.map(Into::into),
+            where_: select.where_.clone(),
+            online: select.online,
+        };
+        let r: NodesReply = self.typed(&req, CALL)?;
+        Ok(r.nodes)
+    }
+
+    pub fn node(&mut self, name: &str) -> Result<NodeView, String> {
+        let r: NodeReply = self.typed(&Request::Node { name: name.into() }, CALL)?;
+        Ok(r.node)
     }
 
     pub fn jobs(&mut self, limit: Option<u32>) -> Result<Vec<JobView>, String> {

@@ -17,7 +17,7 @@ mod client;
 pub mod reply;
 pub mod server;
 
-pub use client::Client;
+pub use client::{Client, Select};
 pub use reply::Reply;
 
 /// Longest request line accepted.
@@ -40,9 +40,16 @@ pub enum Request {
         ttl_s: Option<u32>,
         /// Supersedes: an earlier command with this key to the same node that has
         /// not started is cancelled by this one.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         key: Option<String>,
         command: CommandSpec,
+        /// Fact selectors, `KEY=VALUE` or `KEY!=VALUE`: only the nodes `to` names
+        /// whose facts match every one.
+        #[serde(default, rename = "where", skip_serializing_if = "Vec::is_empty")]
+        where_: Vec<String>,
+        /// Only the nodes whose presence says online.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        online: bool,
     },
     /// Cancel job `id` everywhere it is (for `node` only, if given).
     Cancel {
@@ -102,6 +109,20 @@ pub enum Request {
     /// Delete received files with this id (`SOURCE/ID` for one source).
     FilesRm {
         id: String,
+    },
+    /// The registry: every trusted node, or those `pattern` (a glob) names, whose
+    /// facts match every `where` selector, online ones only with `online`.
+    Nodes {
+        #[serde(default)]
+        pattern: Option<String>,
+        #[serde(default, rename = "where")]
+        where_: Vec<String>,
+        #[serde(default)]
+        online: bool,
+    },
+    /// One trusted node, everything the registry knows of it.
+    Node {
+        name: String,
     },
 }
 
@@ -168,6 +189,56 @@ mod tests {
         assert!(parse_request(&vec![b' '; MAX_REQUEST + 1])
             .unwrap_err()
             .contains("exceeds"));
+    }
+
+    #[test]
+    fn nodes_node_and_selected_sends_parse_as_documented() {
+        assert_eq!(
+            parse_request(br#"{"op":"nodes","pattern":"ship*","where":["arch=mips","os!=debian"],"online":true}"#)
+                .unwrap(),
+            Request::Nodes {
+                pattern: Some("ship*".into()),
+                where_: vec!["arch=mips".into(), "os!=debian".into()],
+                online: true,
+            }
+        );
+        assert_eq!(
+            parse_request(br#"{"op":"nodes"}"#).unwrap(),
+            Request::Nodes {
+                pattern: None,
+                where_: vec![],
+                online: false
+            }
+        );
+        assert_eq!(
+            parse_request(br#"{"op":"node","name":"ship1"}"#).unwrap(),
+            Request::Node {
+                name: "ship1".into()
+            }
+        );
+        let r = parse_request(
+            br#"{"op":"send","to":"ship*","where":["os=openwrt"],"online":true,"command":"ping"}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(r, Request::Send { ref where_, online: true, .. } if where_ == &["os=openwrt"]),
+            "{r:?}"
+        );
+        // Written without the selectors when there are none, as before.
+        let plain = serde_json::to_string(&Request::Send {
+            to: "a".into(),
+            lane: None,
+            ttl_s: None,
+            key: None,
+            command: CommandSpec::Ping,
+            where_: vec![],
+            online: false,
+        })
+        .unwrap();
+        assert_eq!(
+            plain,
+            r#"{"op":"send","to":"a","lane":null,"ttl_s":null,"command":"ping"}"#
+        );
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub enum Reply {
     Cancel(CancelReply),
     Queue(QueueReply),
     Purge(PurgeReply),
+    Nodes(NodesReply),
+    Node(NodeReply),
     Error(String),
 }
 
@@ -68,6 +70,8 @@ impl Reply {
             Reply::Cancel(r) => ok(r),
             Reply::Queue(r) => ok(r),
             Reply::Purge(r) => ok(r),
+            Reply::Nodes(r) => ok(r),
+            Reply::Node(r) => ok(r),
             Reply::Error(e) => serde_json::to_vec(&Failed {
                 ok: false,
                 error: e,
@@ -406,6 +410,73 @@ pub struct FilesRmReply {
     pub removed: Vec<String>,
 }
 
+/// `nodes`: trusted nodes by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodesReply {
+    pub nodes: Vec<NodeView>,
+}
+
+/// `node`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReply {
+    pub node: NodeView,
+}
+
+/// Whether a node is up, as its presence says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    #[serde(rename = "online")]
+    Online,
+    #[serde(rename = "offline")]
+    Offline,
+    /// No presence, payload or facts from it, ever.
+    #[serde(rename = "never seen")]
+    NeverSeen,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Online => "online",
+            NodeState::Offline => "offline",
+            NodeState::NeverSeen => "never seen",
+        }
+    }
+}
+
+/// The README's NODE: one trusted node as the registry knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub state: NodeState,
+    /// Since when its presence says what `state` says.
+    pub since_ms: Option<u64>,
+    /// Its last authenticated payload.
+    pub last_seen_ms: Option<u64>,
+    /// When its facts last changed here.
+    pub facts_ms: Option<u64>,
+    /// What waits here for it, per lane.
+    pub outbox: Vec<LaneQueue>,
+    /// Commands this node sent it that it reported running.
+    pub running: u64,
+    /// The latest event about it (a lost or discarded frame).
+    pub last_error: Option<NodeError>,
+    pub facts: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaneQueue {
+    pub lane: String,
+    pub frames: u64,
+    pub oldest_unacked_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeError {
+    pub at_ms: u64,
+    pub text: String,
+}
+
 /// Each reply's JSON, pinned: these are the README's "Control socket protocol"
 /// examples, byte for byte (field order included), so the two cannot drift.
 #[cfg(test)]
@@ -729,6 +800,54 @@ mod tests {
         let line = String::from_utf8(Reply::Status(Box::new(s)).to_line()).unwrap();
         assert!(line.starts_with("{\"ok\":true,\"node\":\"central\",\"version\":\"0.1.0\",\"broker\":\"mqtt://127.0.0.1:1883\",\"link\":{\"connected\":true,\"since_ms\":1,\"for_s\":2,\"last_error\":null,\"presence\":\"on\",\"poisoned\":null},\"store\":{\"used\":10,\"quota\":20,\"quarantined\":0,\"events\":0,\"epoch\":\"00000000000000ab\",\"lost\":null,\"failing\":null},\"outbox\":[],\"inbox\":[],\"running\":[{\"peer\":\"central\",\"lane\":\"ordered\",\"seq\":4,\"method\":\"http-get\",\"for_s\":3}],\"peers\":[],\"security\":{"), "{line}");
         assert!(line.contains("\"trusted\":[{\"name\":\"ship1\",\"allow\":[\"exec\",\"files\"]}],\"rejected\":{\"replay\":2},\"last_rejected\":{}}}"), "{line}");
+    }
+
+    const NODE: &str = r#"{"name":"ship1","state":"online","since_ms":1763800000000,"last_seen_ms":1763800300000,"facts_ms":1763800000500,"outbox":[{"lane":"ordered","frames":2,"oldest_unacked_s":30}],"running":1,"last_error":null,"facts":{"arch":"mips","os":"openwrt","os.version":"23.05.3"}}"#;
+
+    fn node() -> NodeView {
+        NodeView {
+            name: "ship1".into(),
+            state: NodeState::Online,
+            since_ms: Some(1763800000000),
+            last_seen_ms: Some(1763800300000),
+            facts_ms: Some(1763800000500),
+            outbox: vec![LaneQueue {
+                lane: "ordered".into(),
+                frames: 2,
+                oldest_unacked_s: Some(30),
+            }],
+            running: 1,
+            last_error: None,
+            facts: BTreeMap::from([
+                ("arch".to_string(), "mips".to_string()),
+                ("os".to_string(), "openwrt".to_string()),
+                ("os.version".to_string(), "23.05.3".to_string()),
+            ]),
+        }
+    }
+
+    #[test]
+    fn nodes_and_node_replies_are_the_documented_json() {
+        assert_eq!(
+            line(Reply::Nodes(NodesReply {
+                nodes: vec![node()]
+            })),
+            format!("{{\"ok\":true,\"nodes\":[{NODE}]}}\n")
+        );
+        assert_eq!(
+            line(Reply::Node(NodeReply { node: node() })),
+            format!("{{\"ok\":true,\"node\":{NODE}}}\n")
+        );
+        let mut never = node();
+        never.state = NodeState::NeverSeen;
+        never.last_error = Some(NodeError {
+            at_ms: 5,
+            text: "frame control#3 from ship1 was lost: crc".into(),
+        });
+        let v: serde_json::Value =
+            serde_json::from_slice(&Reply::Node(NodeReply { node: never }).to_line()).unwrap();
+        assert_eq!(v["node"]["state"], "never seen");
+        assert_eq!(v["node"]["last_error"]["at_ms"], 5);
     }
 
     #[test]

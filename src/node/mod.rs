@@ -34,10 +34,11 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 mod cancel;
+mod facts;
 mod files;
 
 pub use cancel::Cancel;
-
+pub use facts::FactsQueued;
 pub use files::CHUNKS_AHEAD;
 
 use crate::delivery::{Action, Delivery, DeliveryConfig, Event};
@@ -209,6 +210,10 @@ pub struct Node {
     files_active: bool,
     /// Log lines for the shell, taken with [`Node::notices`].
     notices: Vec<(Notice, String)>,
+    /// Peers this node reports its facts to (see `facts.rs`).
+    facts_peers: BTreeSet<Name>,
+    /// Per peer: when it was last heard from, and when that was last saved.
+    seen: BTreeMap<Name, (u64, u64)>,
 }
 
 impl Node {
@@ -243,6 +248,8 @@ impl Node {
             sources: BTreeMap::new(),
             files_active: true,
             notices: Vec::new(),
+            facts_peers: BTreeSet::new(),
+            seen: BTreeMap::new(),
         };
         node.sync_streams()?;
         for peer in node.store.peers_with_work()? {
@@ -412,7 +419,11 @@ impl Node {
                     self.on_cancel(&inbound, &mut out, now_ms)?;
                     out.taken += 1;
                 }
-                Body::Facts(_) | Body::Errors(_) => {
+                Body::Facts(f) => {
+                    self.take_facts(&inbound, f, now_ms)?;
+                    out.taken += 1;
+                }
+                Body::Errors(_) => {
                     self.store.consume(&inbound)?;
                     out.taken += 1;
                 }
@@ -741,6 +752,7 @@ impl Node {
         report: &mut Report,
     ) -> Result<(), StoreError> {
         let sender = &opened.sender;
+        self.note_seen(sender, now_ms)?;
         let has_hello = frames
             .iter()
             .any(|(e, _)| matches!(e.body, Body::Hello { .. }));

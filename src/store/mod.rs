@@ -11,11 +11,13 @@
 mod cancel;
 mod files;
 pub mod marker;
+mod registry;
 mod schema;
 mod session;
 
 pub use cancel::{CancelAt, Cancelled, Waiting};
 pub use files::{bulk_lane, control_lane, HeldFile, Transfer};
+pub use registry::{FactsSent, NodeRecord};
 pub use session::{PeerSession, SyncOutcome};
 
 use marker::Marker;

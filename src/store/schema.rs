@@ -222,6 +222,28 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX job_targets_key ON job_targets (node, key) WHERE key IS NOT NULL;
     CREATE INDEX job_targets_open ON job_targets (node, job) WHERE result IS NULL;
     ",
+    // 7 -> 8: facts and the node registry. `facts_sent`: per peer, the facts as of
+    // the last Facts frame this node queued to it (the next is a change against
+    // them), for which of the peer's stores and ours, and when the last full set
+    // went. `nodes`: per peer, when it was last seen (any authenticated payload,
+    // written at most once a minute) and the facts it reported. Events are looked
+    // up per peer for the registry's last error.
+    "
+    CREATE TABLE facts_sent (
+        peer TEXT PRIMARY KEY,
+        peer_epoch INTEGER NOT NULL,
+        my_epoch INTEGER NOT NULL,
+        full_ms INTEGER NOT NULL,
+        facts BLOB NOT NULL             -- postcard of [(key, value)], sorted
+    );
+    CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        last_seen_ms INTEGER,
+        facts_ms INTEGER,               -- when its last Facts frame was taken
+        facts BLOB                      -- postcard of [(key, value)], sorted
+    );
+    CREATE INDEX events_peer ON events (peer, id);
+    ",
 ];
 
 /// Brings the database to the newest version, one transaction per step.

@@ -389,3 +389,58 @@ fn a_batch_commits_once_and_a_failing_operation_inside_it_undoes_only_itself() {
     );
     assert_eq!(outside(), 3);
 }
+
+#[test]
+fn facts_queued_are_recorded_with_their_frame_and_reports_build_the_registry() {
+    let dir = TempDir::new("facts-ship");
+    let mut ship = open(&dir, "ship1", u64::MAX);
+    let facts = |pairs: &[(&str, &str)]| -> crate::facts::Snapshot {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let first = facts(&[("arch", "mips"), ("role", "gateway")]);
+    let sent = FactsSent {
+        peer_epoch: 7,
+        my_epoch: ship.epoch(),
+        full_ms: 10,
+        facts: first.clone(),
+    };
+    let q1 = ship
+        .queue_facts(&n("central"), crate::facts::full(&first), &sent, 10)
+        .unwrap();
+    assert_eq!(ship.facts_sent(&n("central")).unwrap(), Some(sent.clone()));
+    let now = facts(&[("arch", "mips"), ("role", "spare")]);
+    let change = crate::facts::delta(&first, &now).unwrap();
+    let sent2 = FactsSent {
+        facts: now.clone(),
+        ..sent
+    };
+    let q2 = ship.queue_facts(&n("central"), change, &sent2, 20).unwrap();
+    assert_eq!((q1.lane.as_str(), q2.seq), ("control", q1.seq + 1));
+
+    let dir_c = TempDir::new("facts-central");
+    let mut central = open(&dir_c, "central", u64::MAX);
+    let (frames, _) = ship
+        .outbox_frames(&n("central"), &q1.lane, q1.seq, q2.seq, 20)
+        .unwrap();
+    let batch: Vec<(Envelope, &[u8])> = frames
+        .iter()
+        .map(|(_, b)| (frame::decode(b).unwrap(), b.as_slice()))
+        .collect();
+    central.receive(&batch, 30).unwrap();
+    for _ in 0..2 {
+        let (ready, _) = central.runnable(8, 30).unwrap();
+        let Body::Facts(f) = &ready[0].env.body else {
+            panic!("{:?}", ready[0].env.body)
+        };
+        central.take_facts(&ready[0], f, 30).unwrap();
+    }
+    central.note_seen(&n("ship1"), 40).unwrap();
+    let nodes = central.nodes().unwrap();
+    let rec = &nodes[&n("ship1")];
+    assert_eq!(rec.facts, now);
+    assert_eq!((rec.facts_ms, rec.last_seen_ms), (Some(30), Some(40)));
+    assert_eq!(central.counts().unwrap().inbox, 0, "both frames consumed");
+}

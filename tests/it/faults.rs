@@ -39,6 +39,8 @@ fn exec(argv: &[&str]) -> CommandSpec {
 
 fn send(agent: &Agent, to: &str, command: CommandSpec) -> i64 {
     agent.call(&Request::Send {
+        where_: vec![],
+        online: false,
         to: to.into(),
         lane: None,
         ttl_s: None,
@@ -758,6 +760,8 @@ fn faketime_env(file: &Path) -> Vec<(&'static str, String)> {
 
 fn exec_ttl(argv: &[&str], agent: &Agent, to: &str, ttl_s: u32) -> i64 {
     agent.call(&Request::Send {
+        where_: vec![],
+        online: false,
         to: to.into(),
         lane: None,
         ttl_s: Some(ttl_s),

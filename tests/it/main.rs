@@ -8,6 +8,7 @@
 mod agent;
 mod cancel;
 mod cli;
+mod facts;
 mod faults;
 mod files;
 mod link;

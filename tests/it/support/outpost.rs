@@ -223,6 +223,8 @@ impl Agent {
     /// Queues an exec and returns the job id.
     pub fn send_exec(&self, to: &str, lane: &str, argv: &[&str], ttl_s: Option<u32>) -> i64 {
         let req = Request::Send {
+            where_: vec![],
+            online: false,
             to: to.into(),
             lane: Some(lane.into()),
             ttl_s,

@@ -1,0 +1,170 @@
+//! Facts on the agent's side: when to read them (every `facts_interval`, and at
+//! once after a connect, a peer's Sync or a trust change), reading them (the
+//! system's here, `facts_dir`'s in a task that reports back as [`Msg::Facts`]),
+//! and handing them to the node, which sends what changed. Also the cheap link
+//! counters they include.
+
+use std::collections::BTreeSet;
+
+use super::{Agent, Msg};
+use crate::facts::collect::{self, Failure};
+use crate::facts::Snapshot;
+use crate::frame::Name;
+use crate::{debug, info, warn};
+
+/// Counters of this agent's link, for its facts: payload bytes of the current
+/// UTC day, and reconnects since the agent started.
+#[derive(Debug, Default)]
+pub(super) struct LinkCounters {
+    /// Days since the epoch the byte counts are for.
+    day: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    connects: u64,
+}
+
+impl LinkCounters {
+    /// Counts payload bytes received and sent now.
+    pub(super) fn count(&mut self, now_ms: u64, bytes_in: usize, bytes_out: usize) {
+        let day = now_ms / 86_400_000;
+        if day != self.day {
+            self.day = day;
+            self.bytes_in = 0;
+            self.bytes_out = 0;
+        }
+        self.bytes_in += bytes_in as u64;
+        self.bytes_out += bytes_out as u64;
+    }
+
+    pub(super) fn connected(&mut self) {
+        self.connects += 1;
+    }
+}
+
+/// Where reading facts stands.
+#[derive(Debug, Default)]
+pub(super) struct FactsState {
+    /// Read them at or after this time (0: as soon as the link is up).
+    due_ms: u64,
+    /// A `facts_dir` task is running.
+    running: bool,
+    /// `facts_dir` entries that failed last time, with why.
+    failing: Vec<Failure>,
+}
+
+impl Agent {
+    /// Read facts as soon as the link is up (a peer may be missing some).
+    pub(super) fn facts_soon(&mut self) {
+        self.facts.due_ms = 0;
+    }
+
+    /// When facts are next due, while they can be read.
+    pub(super) fn facts_wake(&self) -> Option<u64> {
+        (!self.facts.running && self.node.is_connected()).then_some(self.facts.due_ms)
+    }
+
+    /// Peers that get this node's facts: every peer whose trust line allows it
+    /// anything (`allow=` not empty; `allow=facts` alone is enough). A peer
+    /// trusted with nothing only exchanges results with us.
+    pub(super) fn facts_peers(&self) -> BTreeSet<Name> {
+        self.trust
+            .peers
+            .values()
+            .filter(|p| !p.allow.is_empty() && p.name != self.cfg.name)
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
+    /// Starts reading facts when they are due and the link is up: `facts_dir`'s
+    /// entries in a task (they may take up to their timeout), the rest when it
+    /// reports back.
+    pub(super) fn collect_facts(&mut self, now: u64) {
+        if self.facts.running || now < self.facts.due_ms || !self.node.is_connected() {
+            return;
+        }
+        self.facts.due_ms = now + self.cfg.facts_interval.as_millis() as u64;
+        let Some(dir) = self.cfg.facts_dir.clone() else {
+            self.report_facts(Snapshot::new(), Vec::new(), now);
+            return;
+        };
+        self.facts.running = true;
+        let tx = self.tx.clone();
+        let tag = Some(self.tag.clone());
+        smol::spawn(async move {
+            let (custom, failures) = collect::custom(&dir, tag, collect::SCRIPT_TIMEOUT).await;
+            let _ = tx.send(Msg::Facts(Box::new((custom, failures)))).await;
+        })
+        .detach();
+    }
+
+    /// This node's facts now (the system's, the agent's own, `custom`), handed
+    /// to the node, which queues what each facts peer lacks.
+    pub(super) fn report_facts(&mut self, custom: Snapshot, failures: Vec<Failure>, now: u64) {
+        self.facts.running = false;
+        self.note_facts_failures(failures);
+        let mut f = collect::system(&self.cfg.state_dir, &self.cfg.files_dir);
+        f.insert("outpost.version".into(), env!("CARGO_PKG_VERSION").into());
+        self.links.count(now, 0, 0);
+        let l = &self.links;
+        f.insert("link.in.today".into(), l.bytes_in.to_string());
+        f.insert("link.out.today".into(), l.bytes_out.to_string());
+        f.insert(
+            "link.reconnects".into(),
+            l.connects.saturating_sub(1).to_string(),
+        );
+        if let Some(e) = &self.last_error {
+            f.insert("link.last_error".into(), e.chars().take(200).collect());
+        }
+        if let Ok(c) = self.node.store().counts() {
+            f.insert("queue.outbox".into(), c.outbox.to_string());
+            f.insert("queue.inbox".into(), c.inbox.to_string());
+            f.insert("queue.running".into(), c.running.to_string());
+        }
+        if !self.facts.failing.is_empty() {
+            let names: Vec<&str> = self
+                .facts
+                .failing
+                .iter()
+                .map(|x| x.entry.as_str())
+                .collect();
+            f.insert("facts.failed".into(), names.join(","));
+        }
+        for (k, v) in custom {
+            if f.contains_key(&k) {
+                debug!("facts_dir gives {k:?}, which outpost reports itself; ignored");
+                continue;
+            }
+            f.insert(k, v);
+        }
+        let refresh = self.cfg.facts_refresh.as_millis() as u64;
+        match self.node.report_facts(&f, refresh, now) {
+            Ok(queued) => {
+                if queued.is_empty() {
+                    debug!("facts: {} read, nothing changed enough to send", f.len());
+                }
+                for q in queued {
+                    let what = if q.full { "all" } else { "a change of" };
+                    debug!("facts: {what} {} fact(s) queued for {}", q.changed, q.peer);
+                }
+            }
+            Err(e) => crate::error!("cannot queue facts: {e}"),
+        }
+    }
+
+    /// Logs `facts_dir` entries that started or stopped failing (not every
+    /// interval). The hook for the central error log: a failing entry is reported
+    /// here, once per change, and as the `facts.failed` fact.
+    fn note_facts_failures(&mut self, failures: Vec<Failure>) {
+        for f in &failures {
+            if !self.facts.failing.contains(f) {
+                warn!("facts_dir entry {} failed: {}", f.entry, f.reason);
+            }
+        }
+        for old in &self.facts.failing {
+            if !failures.iter().any(|f| f.entry == old.entry) {
+                info!("facts_dir entry {} works again", old.entry);
+            }
+        }
+        self.facts.failing = failures;
+    }
+}
