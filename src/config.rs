@@ -50,6 +50,10 @@ pub struct FileConfig {
     pub files_dir: Option<PathBuf>,
     pub share_dirs: Option<Vec<PathBuf>>,
     pub chunk_size: Option<String>,
+    /// Finished history older than this is pruned.
+    pub retention: Option<String>,
+    /// Of finished jobs, results, journal rows, events: at most this many kept.
+    pub retention_jobs: Option<u64>,
 }
 
 impl FileConfig {
@@ -108,7 +112,9 @@ impl FileConfig {
             client_key,
             files_dir,
             share_dirs,
-            chunk_size
+            chunk_size,
+            retention,
+            retention_jobs
         );
         self
     }
@@ -165,6 +171,9 @@ pub struct Config {
     /// Directories whose files peers may fetch with `files get`.
     pub share_dirs: Vec<PathBuf>,
     pub chunk_size: u32,
+    #[serde(serialize_with = "secs")]
+    pub retention: Duration,
+    pub retention_jobs: u64,
 }
 
 fn display<S: serde::Serializer>(v: &BrokerUrl, s: S) -> Result<S::Ok, S::Error> {
@@ -222,8 +231,16 @@ impl Config {
         if !(1024..=512 * 1024).contains(&chunk_size) {
             return Err("chunk_size: between 1KiB and 512KiB".into());
         }
+        let retention = opt(raw.retention.as_deref(), "retention", parse_duration)?
+            .unwrap_or(Duration::from_secs(30 * 86_400));
+        if retention < Duration::from_secs(1) {
+            return Err("retention: at least 1s".into());
+        }
+        let retention_jobs = raw.retention_jobs.unwrap_or(100_000);
         let state_dir: PathBuf = raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
         Ok(Config {
+            retention,
+            retention_jobs,
             files_dir: raw.files_dir.unwrap_or_else(|| state_dir.join("files")),
             share_dirs: raw.share_dirs.unwrap_or_default(),
             chunk_size: chunk_size as u32,
@@ -320,6 +337,8 @@ pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
     if !ms.is_multiple_of(1000) {
         format!("{ms}ms")
+    } else if ms.is_multiple_of(86_400_000) && ms > 0 {
+        format!("{}d", ms / 86_400_000)
     } else if ms.is_multiple_of(3_600_000) && ms > 0 {
         format!("{}h", ms / 3_600_000)
     } else if ms.is_multiple_of(60_000) && ms > 0 {

@@ -33,6 +33,7 @@ mod commands;
 mod files;
 mod os;
 mod requests;
+mod retention;
 mod session;
 
 pub use commands::DEFAULT_TIMEOUT_MS;
@@ -171,7 +172,12 @@ pub fn run(cfg: Config) -> Result<(), String> {
         cfg.state_dir.display()
     );
 
+    let keep = crate::store::Retention {
+        max_age_ms: cfg.retention.as_millis() as u64,
+        max_rows: cfg.retention_jobs,
+    };
     let mut agent = Agent {
+        pruning: retention::Pruning::new(keep, now_ms()),
         trust: Trust::default(),
         trust_stamp: None,
         rejected: BTreeMap::new(),
@@ -249,6 +255,8 @@ struct Agent {
     stopping: Option<(i32, Instant)>,
     /// [`exec::TAG_VAR`] for this agent's commands.
     tag: String,
+    /// Retention: when the next prune is due, what went.
+    pruning: retention::Pruning,
 }
 
 impl Agent {
@@ -263,6 +271,8 @@ impl Agent {
             let d = at.saturating_duration_since(Instant::now());
             wake = Some(wake.map_or(d, |w| w.min(d)));
         }
+        let d = Duration::from_millis(self.pruning.due().saturating_sub(now));
+        wake = Some(wake.map_or(d, |w| w.min(d)));
         if !self.unrecorded.is_empty() || self.stopping.is_some() {
             // Retry what the store refused; a stopping agent checks its deadline.
             let d = Duration::from_millis(if self.stopping.is_some() { 100 } else { 2_000 });
@@ -515,6 +525,9 @@ impl Agent {
                 error!("cannot take runnable work: {e}");
             }
             self.note_store(taken.err().map(|e| e.to_string()), now);
+        }
+        if !store_waits {
+            self.pruning.run(&mut self.node, now);
         }
         self.announce_running(now);
         if let Err(e) = self.node.pump_files(now) {

@@ -320,6 +320,7 @@ impl Agent {
                 epoch: format!("{:016x}", self.node.epoch()),
                 lost: lost.map(|(at_ms, reason)| StoreLost { at_ms, reason }),
                 failing,
+                retention: self.pruning.status(store),
             },
             outbox: outbox
                 .iter()

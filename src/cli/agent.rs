@@ -74,6 +74,13 @@ pub struct AgentArgs {
     /// file chunk size (default 16KiB; smaller suits slow links)
     #[argh(option)]
     pub chunk_size: Option<String>,
+    /// finished jobs, results and events older than this are pruned (default 30d)
+    #[argh(option)]
+    pub retention: Option<String>,
+    /// at most this many finished jobs (and journal rows, results, events) kept
+    /// (default 100000)
+    #[argh(option)]
+    pub retention_jobs: Option<u64>,
 }
 
 impl AgentArgs {
@@ -99,6 +106,8 @@ impl AgentArgs {
             files_dir: self.files_dir.clone(),
             share_dirs: (!self.share_dir.is_empty()).then(|| self.share_dir.clone()),
             chunk_size: self.chunk_size.clone(),
+            retention: self.retention.clone(),
+            retention_jobs: self.retention_jobs,
         }
     }
 }

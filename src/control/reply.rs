@@ -203,6 +203,49 @@ pub struct StoreStatus {
     pub lost: Option<StoreLost>,
     /// Since when and why the store refuses writes.
     pub failing: Option<StoreFailing>,
+    /// What retention keeps and what it last pruned.
+    pub retention: RetentionStatus,
+}
+
+/// `status.store.retention`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionStatus {
+    /// Finished history older than this goes.
+    pub keep_s: u64,
+    /// Of each kind, at most this many finished rows stay.
+    pub keep_rows: u64,
+    /// When the last pass ended, and what it pruned.
+    pub last_pass_ms: Option<u64>,
+    pub last: PrunedCounts,
+    /// Everything pruned since the agent started.
+    pub since_start: PrunedCounts,
+    /// Pages of `store.db`: in use, and free (reused by the next writes; the
+    /// file does not shrink).
+    pub pages_used: u64,
+    pub pages_free: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrunedCounts {
+    pub jobs: u64,
+    pub results: u64,
+    pub journal: u64,
+    pub events: u64,
+    pub quarantine: u64,
+    pub transfers: u64,
+}
+
+impl From<&crate::store::Pruned> for PrunedCounts {
+    fn from(p: &crate::store::Pruned) -> Self {
+        PrunedCounts {
+            jobs: p.jobs,
+            results: p.results,
+            journal: p.journal,
+            events: p.events,
+            quarantine: p.quarantine,
+            transfers: p.transfers,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -562,6 +605,24 @@ mod tests {
                 epoch: "00000000000000ab".into(),
                 lost: None,
                 failing: None,
+                retention: RetentionStatus {
+                    keep_s: 2_592_000,
+                    keep_rows: 100_000,
+                    last_pass_ms: Some(1_763_800_000_000),
+                    last: PrunedCounts {
+                        jobs: 2,
+                        results: 2,
+                        ..PrunedCounts::default()
+                    },
+                    since_start: PrunedCounts {
+                        jobs: 5,
+                        results: 5,
+                        journal: 1,
+                        ..PrunedCounts::default()
+                    },
+                    pages_used: 40,
+                    pages_free: 8,
+                },
             },
             outbox: vec![],
             inbox: vec![],
@@ -584,7 +645,7 @@ mod tests {
             },
         };
         let line = String::from_utf8(Reply::Status(Box::new(s)).to_line()).unwrap();
-        assert!(line.starts_with("{\"ok\":true,\"node\":\"central\",\"version\":\"0.1.0\",\"broker\":\"mqtt://127.0.0.1:1883\",\"link\":{\"connected\":true,\"since_ms\":1,\"for_s\":2,\"last_error\":null,\"presence\":\"on\",\"poisoned\":null},\"store\":{\"used\":10,\"quota\":20,\"quarantined\":0,\"events\":0,\"epoch\":\"00000000000000ab\",\"lost\":null,\"failing\":null},\"outbox\":[],\"inbox\":[],\"running\":[{\"peer\":\"central\",\"lane\":\"ordered\",\"seq\":4,\"method\":\"http-get\",\"for_s\":3}],\"peers\":[],\"security\":{"), "{line}");
+        assert!(line.starts_with("{\"ok\":true,\"node\":\"central\",\"version\":\"0.1.0\",\"broker\":\"mqtt://127.0.0.1:1883\",\"link\":{\"connected\":true,\"since_ms\":1,\"for_s\":2,\"last_error\":null,\"presence\":\"on\",\"poisoned\":null},\"store\":{\"used\":10,\"quota\":20,\"quarantined\":0,\"events\":0,\"epoch\":\"00000000000000ab\",\"lost\":null,\"failing\":null,\"retention\":{\"keep_s\":2592000,\"keep_rows\":100000,\"last_pass_ms\":1763800000000,\"last\":{\"jobs\":2,\"results\":2,\"journal\":0,\"events\":0,\"quarantine\":0,\"transfers\":0},\"since_start\":{\"jobs\":5,\"results\":5,\"journal\":1,\"events\":0,\"quarantine\":0,\"transfers\":0},\"pages_used\":40,\"pages_free\":8}},\"outbox\":[],\"inbox\":[],\"running\":[{\"peer\":\"central\",\"lane\":\"ordered\",\"seq\":4,\"method\":\"http-get\",\"for_s\":3}],\"peers\":[],\"security\":{"), "{line}");
         assert!(line.contains("\"trusted\":[{\"name\":\"ship1\",\"allow\":[\"exec\",\"files\"]}],\"rejected\":{\"replay\":2},\"last_rejected\":{}}}"), "{line}");
     }
 

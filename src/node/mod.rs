@@ -41,8 +41,8 @@ use crate::delivery::{Action, Delivery, DeliveryConfig, Event};
 use crate::frame::{self, Body, CmdResult, Envelope, Lane, Method, Name, Status};
 use crate::session::{Change, Refusal, Session};
 use crate::store::{
-    control_lane, Corrupt, Inbound, Loss, Mono, Outgoing, Queued, Receipt, Store, StoreConfig,
-    StoreError, SyncOutcome,
+    control_lane, Corrupt, Inbound, Loss, Mono, Outgoing, Pruned, Queued, Receipt, Retention,
+    Store, StoreConfig, StoreError, SyncOutcome,
 };
 use crate::trust::Keys;
 
@@ -258,6 +258,17 @@ impl Node {
     /// returns how many.
     pub fn expire(&mut self, now_ms: u64) -> Result<usize, StoreError> {
         self.store.expire_unsent(now_ms)
+    }
+
+    /// Prunes finished history, one bounded batch (see [`Store::prune`]). Only
+    /// history goes, nothing delivery knows of.
+    pub fn prune(
+        &mut self,
+        keep: &Retention,
+        batch: u32,
+        now_ms: u64,
+    ) -> Result<Pruned, StoreError> {
+        self.store.prune(keep, batch, now_ms)
     }
 
     /// This node's public key.

@@ -10,10 +10,12 @@
 
 mod files;
 pub mod marker;
+mod retention;
 mod schema;
 mod session;
 
 pub use files::{bulk_lane, control_lane, HeldFile, Transfer};
+pub use retention::{Pruned, Retention};
 pub use session::{PeerSession, SyncOutcome};
 
 use marker::Marker;

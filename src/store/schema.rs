@@ -202,6 +202,15 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE outbox ADD COLUMN boot INTEGER;
     CREATE INDEX outbox_expiring ON outbox (expires_ms) WHERE expires_ms IS NOT NULL;
     ",
+    // 6 -> 7: retention (store/retention.rs). Each prune query walks one of these
+    // or a range of row ids, never the whole history; `job_targets_result` also
+    // serves the foreign-key check when a result is deleted.
+    "
+    CREATE INDEX jobs_created ON jobs (created_ms);
+    CREATE INDEX job_targets_result ON job_targets (result);
+    CREATE INDEX results_at ON results (at_ms);
+    CREATE INDEX journal_done ON journal (finished_ms) WHERE state = 'done';
+    ",
 ];
 
 /// Brings the database to the newest version, one transaction per step.
