@@ -274,6 +274,7 @@ fn real(commands: u64) {
                 to: "ship1".into(),
                 lane: None,
                 ttl_s: None,
+                output: None,
                 command: CommandSpec::Exec {
                     argv: vec!["true".into()],
                     env: vec![],

@@ -36,6 +36,7 @@ fn append(n: usize, file: &Path) -> Request {
         to: "node".into(),
         lane: None,
         ttl_s: None,
+        output: None,
         command: CommandSpec::Exec {
             argv: vec![
                 "sh".into(),

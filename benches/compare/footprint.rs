@@ -30,6 +30,7 @@ pub fn enqueue(r: &mut Report, o: &Opts) {
             to: "node".into(),
             lane: Some("ordered".into()),
             ttl_s: None,
+            output: None,
             command: CommandSpec::Ping,
         };
         // A few to warm the caches and the statement cache; not counted.

@@ -333,6 +333,7 @@ fn enqueue(central: &Agent, gate: &Gate, kind: Kind, n: usize) -> (i64, Vec<i64>
             to: "node".into(),
             lane: Some("ordered".into()),
             ttl_s: None,
+            output: None,
             command,
         };
         let reply = client

@@ -118,6 +118,7 @@ impl Pair {
             to: "node".into(),
             lane: Some(lane.into()),
             ttl_s: None,
+            output: None,
             command,
         };
         self.central.call(&req)["job"].as_i64().expect("job id")
@@ -129,6 +130,7 @@ impl Pair {
             to: "node".into(),
             lane: Some(lane.into()),
             ttl_s: None,
+            output: None,
             command,
         };
         let v = client.call(&req, Duration::from_secs(60)).expect("send");

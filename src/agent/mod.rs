@@ -32,6 +32,7 @@ use crate::{debug, error, info, warn};
 mod commands;
 mod files;
 mod os;
+mod output;
 mod requests;
 mod retention;
 mod session;
@@ -202,6 +203,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
         tag,
     };
     agent.refresh_trust();
+    // Results that arrived before a restart and were not yet written to files.
+    agent.write_outputs(true, &[]);
     agent.drive();
     loop {
         let msg = agent.next_msg(&rx);
@@ -558,6 +561,10 @@ impl Agent {
                 }
             }
             Err(e) => error!("cannot read the outbox: {e}"),
+        }
+        if self.changed_jobs.all || !self.changed_jobs.ids.is_empty() {
+            let ids: Vec<i64> = self.changed_jobs.ids.iter().copied().collect();
+            self.write_outputs(self.changed_jobs.all, &ids);
         }
         self.answer_waiters();
     }

@@ -31,7 +31,10 @@ impl Agent {
                 lane,
                 ttl_s,
                 command,
-            } => self.send(&to, lane.as_deref(), ttl_s, command, now).map(Reply::Send),
+                output,
+            } => self
+                .send_with_output(&to, lane.as_deref(), ttl_s, command, output, now)
+                .map(Reply::Send),
             Request::Jobs { limit } => self
                 .node
                 .store()
@@ -129,7 +132,7 @@ impl Agent {
         }
     }
 
-    fn send(
+    pub(super) fn send(
         &mut self,
         to: &str,
         lane: Option<&str>,

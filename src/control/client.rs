@@ -54,10 +54,23 @@ impl Client {
         ttl_s: Option<u32>,
         command: CommandSpec,
     ) -> Result<SendReply, String> {
+        self.send_with(to, lane, ttl_s, command, None)
+    }
+
+    /// As [`Client::send`], and the agent writes each result into `output`.
+    pub fn send_with(
+        &mut self,
+        to: &str,
+        lane: Option<&str>,
+        ttl_s: Option<u32>,
+        command: CommandSpec,
+        output: Option<super::output::OutputSpec>,
+    ) -> Result<SendReply, String> {
         let req = Request::Send {
             to: to.into(),
             lane: lane.map(Into::into),
             ttl_s,
+            output,
             command,
         };
         self.typed(&req, CALL)

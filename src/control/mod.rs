@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 mod client;
+pub mod output;
 pub mod reply;
 pub mod server;
 
@@ -39,6 +40,9 @@ pub enum Request {
         #[serde(default)]
         ttl_s: Option<u32>,
         command: CommandSpec,
+        /// The agent writes each target's result into this directory as it arrives.
+        #[serde(default)]
+        output: Option<output::OutputSpec>,
     },
     /// Jobs, newest first.
     Jobs {

@@ -34,6 +34,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 mod files;
+mod output;
 
 pub use files::CHUNKS_AHEAD;
 

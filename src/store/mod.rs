@@ -10,11 +10,13 @@
 
 mod files;
 pub mod marker;
+mod output;
 mod retention;
 mod schema;
 mod session;
 
 pub use files::{bulk_lane, control_lane, HeldFile, Transfer};
+pub use output::JobOutput;
 pub use retention::{Pruned, Retention};
 pub use session::{PeerSession, SyncOutcome};
 

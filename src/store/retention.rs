@@ -130,6 +130,10 @@ impl Store {
                     .prepare_cached("DELETE FROM results WHERE id = ?1")?
                     .execute([r])? as u64;
             }
+            tx.prepare_cached("DELETE FROM job_outputs_written WHERE job = ?1")?
+                .execute([id])?;
+            tx.prepare_cached("DELETE FROM job_outputs WHERE job = ?1")?
+                .execute([id])?;
             tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
                 .execute([id])?;
         }

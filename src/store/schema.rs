@@ -211,6 +211,23 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX results_at ON results (at_ms);
     CREATE INDEX journal_done ON journal (finished_ms) WHERE state = 'done';
     ",
+    // 7 -> 8: results to files (`send --output-dir --async`): where the agent
+    // writes a job's results, and which targets' it has written (pending until all).
+    "
+    CREATE TABLE job_outputs (
+        job INTEGER PRIMARY KEY REFERENCES jobs (id),
+        dir TEXT NOT NULL,
+        append INTEGER NOT NULL,
+        pending INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE INDEX job_outputs_pending ON job_outputs (job) WHERE pending = 1;
+    CREATE TABLE job_outputs_written (
+        job INTEGER NOT NULL REFERENCES job_outputs (job),
+        node TEXT NOT NULL,
+        error TEXT,                     -- why writing failed, if it did
+        PRIMARY KEY (job, node)
+    );
+    ",
 ];
 
 /// Brings the database to the newest version, one transaction per step.

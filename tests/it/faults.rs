@@ -42,6 +42,7 @@ fn send(agent: &Agent, to: &str, command: CommandSpec) -> i64 {
         to: to.into(),
         lane: None,
         ttl_s: None,
+        output: None,
         command,
     })["job"]
         .as_i64()
@@ -760,6 +761,7 @@ fn exec_ttl(argv: &[&str], agent: &Agent, to: &str, ttl_s: u32) -> i64 {
         to: to.into(),
         lane: None,
         ttl_s: Some(ttl_s),
+        output: None,
         command: exec(argv),
     })["job"]
         .as_i64()

@@ -10,6 +10,7 @@ mod cli;
 mod faults;
 mod files;
 mod link;
+mod output;
 mod retention;
 mod security;
 mod sim;

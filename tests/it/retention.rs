@@ -16,6 +16,7 @@ fn ping(central: &Agent) -> i64 {
         to: "ship1".into(),
         lane: None,
         ttl_s: None,
+        output: None,
         command: CommandSpec::Ping,
     });
     r["job"].as_i64().unwrap_or_else(|| panic!("{r}"))

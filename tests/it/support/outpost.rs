@@ -226,6 +226,7 @@ impl Agent {
             to: to.into(),
             lane: Some(lane.into()),
             ttl_s,
+            output: None,
             command: CommandSpec::Exec {
                 argv: argv.iter().map(std::string::ToString::to_string).collect(),
                 env: vec![],
