@@ -200,7 +200,10 @@ fn core(commands: u64) {
             }
             next_prune = now + every;
         }
-        if done.is_multiple_of(report_every) || done == commands {
+        if done.is_multiple_of(report_every)
+            || [1_000, 2_000, 5_000, 10_000].contains(&done)
+            || done == commands
+        {
             let (sd, sw) = sizes(&sdir);
             let (cd, cw) = sizes(&cdir);
             let (su, sf) = s.store().pages().unwrap();

@@ -172,6 +172,27 @@ pub struct Trust {
 }
 
 impl Trust {
+    /// Who gets this node's reports (its errors; facts use the same rule): the
+    /// peers trusted with `facts`, or, when none is, every peer allowed to ask
+    /// anything of this node (the operators, not peers whose results we only
+    /// accept). The one rule for "who is central".
+    pub fn report_peers(&self) -> std::collections::BTreeSet<Name> {
+        let facts: std::collections::BTreeSet<Name> = self
+            .peers
+            .values()
+            .filter(|p| p.allow.contains(&Method::Facts))
+            .map(|p| p.name.clone())
+            .collect();
+        if !facts.is_empty() {
+            return facts;
+        }
+        self.peers
+            .values()
+            .filter(|p| !p.allow.is_empty())
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
     pub fn parse(text: &str) -> Result<Trust, String> {
         let mut peers = BTreeMap::new();
         for (i, line) in text.lines().enumerate() {

@@ -30,6 +30,7 @@ use crate::trust::Trust;
 use crate::{debug, error, info, warn};
 
 mod commands;
+mod errors;
 mod files;
 mod os;
 mod output;
@@ -276,6 +277,10 @@ impl Agent {
         }
         let d = Duration::from_millis(self.pruning.due().saturating_sub(now));
         wake = Some(wake.map_or(d, |w| w.min(d)));
+        if let Some(t) = self.node.next_error_report() {
+            let d = Duration::from_millis(t.saturating_sub(now));
+            wake = Some(wake.map_or(d, |w| w.min(d)));
+        }
         if !self.unrecorded.is_empty() || self.stopping.is_some() {
             // Retry what the store refused; a stopping agent checks its deadline.
             let d = Duration::from_millis(if self.stopping.is_some() { 100 } else { 2_000 });
@@ -358,6 +363,13 @@ impl Agent {
                         );
                     }
                 }
+                if result.status == Status::Failed
+                    && result.exit_code.is_none()
+                    && result.reason.starts_with("cannot run")
+                {
+                    // exec's words for a program that could not be started.
+                    self.node.report_error("spawn", &result.reason, now);
+                }
                 self.unrecorded.push((inbound, result));
                 self.record_results(now);
             }
@@ -407,8 +419,9 @@ impl Agent {
 
     /// Notes whether the last store write failed, for `status` and the log.
     fn note_store(&mut self, failed: Option<String>, now: u64) {
-        if failed.is_some() {
+        if let Some(e) = &failed {
             self.store_retry_ms = now + 2_000;
+            self.node.report_error("store", e, now);
         }
         match (failed, &self.store_error) {
             (Some(e), None) => self.store_error = Some((now, e)),
@@ -535,6 +548,9 @@ impl Agent {
         self.announce_running(now);
         if let Err(e) = self.node.pump_files(now) {
             error!("cannot queue file chunks: {e}");
+        }
+        if let Err(e) = self.node.flush_errors(now) {
+            debug!("cannot queue the error report yet: {e}");
         }
         self.log_notices();
         match self.node.poll_out(now) {

@@ -73,6 +73,9 @@ impl Agent {
             Request::FilesList => self.files_list(now).map(Reply::FilesList),
             Request::Transfer { id } => self.transfer(id, now).map(Reply::Transfer),
             Request::FilesRm { id } => self.files_rm(&id).map(Reply::FilesRm),
+            Request::Errors { node, after, limit } => self
+                .errors(node.as_deref(), after.unwrap_or(0), limit)
+                .map(Reply::Errors),
         };
         Some(r.unwrap_or_else(Reply::Error))
     }

@@ -17,6 +17,7 @@ use argh::FromArgs;
 use crate::config;
 
 mod agent;
+mod errors;
 mod files;
 mod jobs;
 mod keys;
@@ -92,6 +93,7 @@ pub enum Cmd {
     Send(send::SendArgs),
     Jobs(jobs::JobsArgs),
     Status(status::StatusArgs),
+    Errors(errors::ErrorsArgs),
     Config(ConfigArgs),
     Keys(keys::KeysArgs),
     Files(files::FilesArgs),
@@ -185,6 +187,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
         Cmd::Send(args) => send::run(args),
         Cmd::Jobs(args) => jobs::run(args),
         Cmd::Status(args) => status::run(args),
+        Cmd::Errors(args) => errors::run(args),
         Cmd::Config(c) => match c.cmd {
             ConfigCmd::Check(check) => config_check(check),
         },

@@ -107,6 +107,22 @@ impl Client {
         self.typed(&Request::Status, CALL)
     }
 
+    /// The error log, changed after `after`, of `node` if given, newest last.
+    pub fn errors(
+        &mut self,
+        node: Option<&str>,
+        after: u64,
+        limit: Option<u32>,
+    ) -> Result<Vec<super::reply::ErrorView>, String> {
+        let req = Request::Errors {
+            node: node.map(Into::into),
+            after: Some(after),
+            limit,
+        };
+        let r: super::reply::ErrorsReply = self.typed(&req, CALL)?;
+        Ok(r.errors)
+    }
+
     pub fn files_put(
         &mut self,
         to: &str,

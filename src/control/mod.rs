@@ -85,6 +85,16 @@ pub enum Request {
     FilesRm {
         id: String,
     },
+    /// The error log: errors nodes reported, changed after `after` (a `seq`),
+    /// of one node if given, newest last.
+    Errors {
+        #[serde(default)]
+        node: Option<String>,
+        #[serde(default)]
+        after: Option<u64>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -25,6 +25,7 @@ pub enum Reply {
     FilesList(FilesListReply),
     Transfer(TransferReply),
     FilesRm(FilesRmReply),
+    Errors(ErrorsReply),
     Error(String),
 }
 
@@ -62,6 +63,7 @@ impl Reply {
             Reply::FilesList(r) => ok(r),
             Reply::Transfer(r) => ok(r),
             Reply::FilesRm(r) => ok(r),
+            Reply::Errors(r) => ok(r),
             Reply::Error(e) => serde_json::to_vec(&Failed {
                 ok: false,
                 error: e,
@@ -74,6 +76,25 @@ impl Reply {
         line.push(b'\n');
         line
     }
+}
+
+/// `errors`: what nodes reported, newest last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorsReply {
+    pub errors: Vec<ErrorView>,
+}
+
+/// One entry of the error log: a (node, kind, text) with how often and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorView {
+    /// Goes up with every change; `after` in the request is one of these.
+    pub seq: u64,
+    pub node: String,
+    pub kind: String,
+    pub text: String,
+    pub count: u64,
+    pub first_ms: u64,
+    pub last_ms: u64,
 }
 
 /// `send`: the job and where each target's command was queued.
@@ -520,6 +541,20 @@ mod tests {
                 transfer: 4
             })),
             "{\"ok\":true,\"id\":\"log.txt\",\"transfer\":4}\n"
+        );
+        assert_eq!(
+            line(Reply::Errors(ErrorsReply {
+                errors: vec![ErrorView {
+                    seq: 4,
+                    node: "ship1".into(),
+                    kind: "rejected".into(),
+                    text: "replay".into(),
+                    count: 3,
+                    first_ms: 1763800000000,
+                    last_ms: 1763800005000,
+                }]
+            })),
+            "{\"ok\":true,\"errors\":[{\"seq\":4,\"node\":\"ship1\",\"kind\":\"rejected\",\"text\":\"replay\",\"count\":3,\"first_ms\":1763800000000,\"last_ms\":1763800005000}]}\n"
         );
         assert_eq!(
             line(Reply::FilesRm(FilesRmReply {

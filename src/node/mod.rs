@@ -33,9 +33,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+mod errors;
 mod files;
 mod output;
 
+pub use errors::errors_lane;
 pub use files::CHUNKS_AHEAD;
 
 use crate::delivery::{Action, Delivery, DeliveryConfig, Event};
@@ -202,6 +204,8 @@ pub struct Node {
     files_active: bool,
     /// Log lines for the shell, taken with [`Node::notices`].
     notices: Vec<(Notice, String)>,
+    /// Errors met here, waiting to be reported (`errors.rs`).
+    errors: errors::ErrorLog,
 }
 
 impl Node {
@@ -236,6 +240,7 @@ impl Node {
             sources: BTreeMap::new(),
             files_active: true,
             notices: Vec::new(),
+            errors: errors::ErrorLog::default(),
         };
         node.sync_streams()?;
         for peer in node.store.peers_with_work()? {
@@ -407,7 +412,11 @@ impl Node {
                     }
                     out.taken += 1;
                 }
-                Body::Withdrawn { .. } | Body::Cancel { .. } | Body::Facts(_) | Body::Errors(_) => {
+                Body::Errors(_) => {
+                    self.on_errors(&inbound)?;
+                    out.taken += 1;
+                }
+                Body::Withdrawn { .. } | Body::Cancel { .. } | Body::Facts(_) => {
                     self.store.consume(&inbound)?;
                     out.taken += 1;
                 }

@@ -8,6 +8,7 @@
 //!
 //! Blocking: call it from a dedicated thread, never from an async executor.
 
+mod errors;
 mod files;
 pub mod marker;
 mod output;
@@ -15,6 +16,7 @@ mod retention;
 mod schema;
 mod session;
 
+pub use errors::NodeError;
 pub use files::{bulk_lane, control_lane, HeldFile, Transfer};
 pub use output::JobOutput;
 pub use retention::{Pruned, Retention};

@@ -203,6 +203,19 @@ impl Store {
                 .execute(params![cut, max - rows, n])? as u64;
         }
         pruned.full |= pruned.events as i64 == n || pruned.quarantine as i64 == n;
+        // Errors nodes reported, by when they last happened (oldest change first).
+        let max_error: i64 =
+            tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM node_errors", [], |r| {
+                r.get(0)
+            })?;
+        let errors = tx
+            .prepare_cached(
+                "DELETE FROM node_errors WHERE id IN (SELECT id FROM node_errors ORDER BY seq LIMIT ?3)
+                 AND (last_ms < ?1 OR seq <= ?2)",
+            )?
+            .execute(params![cut, max_error - rows, n])? as u64;
+        pruned.events += errors;
+        pruned.full |= errors as i64 == n;
         // Transfers that finished (their chunks go with them, ON DELETE CASCADE).
         // Files held are swept when they expire (`Node::pump_files`), not here.
         let max_transfer: i64 =

@@ -228,6 +228,21 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (job, node)
     );
     ",
+    // 8 -> 9: the central error log: what nodes reported (`Body::Errors`), one
+    // row per (node, kind, text) with counts added up; `seq` goes up with every
+    // change, so `errors --follow` asks for what changed after the last it saw.
+    "
+    CREATE TABLE node_errors (
+        id INTEGER PRIMARY KEY,
+        node TEXT NOT NULL, kind TEXT NOT NULL, text TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        first_ms INTEGER NOT NULL,
+        last_ms INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        UNIQUE (node, kind, text)
+    );
+    CREATE UNIQUE INDEX node_errors_seq ON node_errors (seq);
+    ",
 ];
 
 /// Brings the database to the newest version, one transaction per step.

@@ -7,6 +7,7 @@
 
 mod agent;
 mod cli;
+mod errors;
 mod faults;
 mod files;
 mod link;
