@@ -132,3 +132,77 @@ impl Node {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::NodeConfig;
+    use crate::trust::Keys;
+
+    fn node(tag: &str) -> (Node, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("outpost-errors-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = x25519_dalek::StaticSecret::from([3u8; 32]);
+        let keys = Keys {
+            public: x25519_dalek::PublicKey::from(&secret),
+            secret,
+        };
+        let me = Name::new("ship1").unwrap();
+        let n = Node::open(&dir.join("store.db"), &me, NodeConfig::default(), keys, 0).unwrap();
+        (n, dir)
+    }
+
+    /// The error reports queued in the outbox, oldest first.
+    fn reports(n: &Node) -> Vec<Vec<ErrorEntry>> {
+        let mut stmt = n
+            .store
+            .raw()
+            .prepare("SELECT frame FROM outbox WHERE lane = 'errors' ORDER BY seq")
+            .unwrap();
+        let frames: Vec<Vec<u8>> = stmt
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        frames
+            .iter()
+            .map(|f| match crate::frame::decode(f).unwrap().body {
+                Body::Errors(e) => e,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn errors_are_added_up_sent_at_most_every_flush_interval_and_bounded() {
+        let (mut n, dir) = node("flush");
+        n.report_error("rejected", "replay", 100);
+        assert_eq!(n.next_error_report(), None, "nobody to report to yet");
+        n.set_report_peers([Name::new("central").unwrap()].into());
+        assert_eq!(n.flush_errors(100).unwrap(), 1, "the first goes at once");
+        n.report_error("rejected", "replay", 200);
+        n.report_error("rejected", "replay", 300);
+        n.report_error("spawn", "cannot run \"x\"", 400);
+        assert_eq!(n.flush_errors(5_000).unwrap(), 0, "too soon after the last");
+        assert_eq!(n.next_error_report(), Some(100 + FLUSH_MS));
+        assert_eq!(n.flush_errors(100 + FLUSH_MS).unwrap(), 2);
+        for i in 0..MAX_ENTRIES + 5 {
+            n.report_error("store", &format!("error {i}"), 20_000);
+        }
+        assert_eq!(n.flush_errors(100 + 2 * FLUSH_MS).unwrap(), MAX_ENTRIES + 1);
+        let r = reports(&n);
+        assert_eq!(r.len(), 3);
+        assert_eq!((r[0][0].count, r[0][0].first_ms), (1, 100));
+        let replay = r[1].iter().find(|e| e.text == "replay").unwrap();
+        assert_eq!(
+            (replay.count, replay.first_ms, replay.last_ms),
+            (2, 200, 300)
+        );
+        let dropped = r[2].iter().find(|e| e.kind == "errors").unwrap();
+        assert_eq!(dropped.count, 5);
+        assert_eq!(n.next_error_report(), None, "nothing left");
+        drop(n);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
