@@ -75,14 +75,15 @@ impl Pruning {
         so_far.full = false;
         if so_far.total() > 0 {
             info!(
-                "pruned finished history in {} ms: {} job(s), {} result(s), {} journal row(s), {} event(s), {} quarantined frame(s), {} transfer(s)",
+                "pruned finished history in {} ms: {} job(s), {} result(s), {} journal row(s), {} event(s), {} quarantined frame(s), {} transfer(s), {} error log entries",
                 now_ms.saturating_sub(started),
                 so_far.jobs,
                 so_far.results,
                 so_far.journal,
                 so_far.events,
                 so_far.quarantine,
-                so_far.transfers
+                so_far.transfers,
+                so_far.errors
             );
         }
         self.last = Some((now_ms, so_far));

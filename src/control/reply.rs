@@ -254,6 +254,8 @@ pub struct PrunedCounts {
     pub events: u64,
     pub quarantine: u64,
     pub transfers: u64,
+    /// Entries of the error log nodes reported.
+    pub errors: u64,
 }
 
 impl From<&crate::store::Pruned> for PrunedCounts {
@@ -265,6 +267,7 @@ impl From<&crate::store::Pruned> for PrunedCounts {
             events: p.events,
             quarantine: p.quarantine,
             transfers: p.transfers,
+            errors: p.errors,
         }
     }
 }
@@ -680,7 +683,7 @@ mod tests {
             },
         };
         let line = String::from_utf8(Reply::Status(Box::new(s)).to_line()).unwrap();
-        assert!(line.starts_with("{\"ok\":true,\"node\":\"central\",\"version\":\"0.1.0\",\"broker\":\"mqtt://127.0.0.1:1883\",\"link\":{\"connected\":true,\"since_ms\":1,\"for_s\":2,\"last_error\":null,\"presence\":\"on\",\"poisoned\":null},\"store\":{\"used\":10,\"quota\":20,\"quarantined\":0,\"events\":0,\"epoch\":\"00000000000000ab\",\"lost\":null,\"failing\":null,\"retention\":{\"keep_s\":2592000,\"keep_rows\":100000,\"last_pass_ms\":1763800000000,\"last\":{\"jobs\":2,\"results\":2,\"journal\":0,\"events\":0,\"quarantine\":0,\"transfers\":0},\"since_start\":{\"jobs\":5,\"results\":5,\"journal\":1,\"events\":0,\"quarantine\":0,\"transfers\":0},\"pages_used\":40,\"pages_free\":8}},\"outbox\":[],\"inbox\":[],\"running\":[{\"peer\":\"central\",\"lane\":\"ordered\",\"seq\":4,\"method\":\"http-get\",\"for_s\":3}],\"peers\":[],\"security\":{"), "{line}");
+        assert!(line.starts_with("{\"ok\":true,\"node\":\"central\",\"version\":\"0.1.0\",\"broker\":\"mqtt://127.0.0.1:1883\",\"link\":{\"connected\":true,\"since_ms\":1,\"for_s\":2,\"last_error\":null,\"presence\":\"on\",\"poisoned\":null},\"store\":{\"used\":10,\"quota\":20,\"quarantined\":0,\"events\":0,\"epoch\":\"00000000000000ab\",\"lost\":null,\"failing\":null,\"retention\":{\"keep_s\":2592000,\"keep_rows\":100000,\"last_pass_ms\":1763800000000,\"last\":{\"jobs\":2,\"results\":2,\"journal\":0,\"events\":0,\"quarantine\":0,\"transfers\":0,\"errors\":0},\"since_start\":{\"jobs\":5,\"results\":5,\"journal\":1,\"events\":0,\"quarantine\":0,\"transfers\":0,\"errors\":0},\"pages_used\":40,\"pages_free\":8}},\"outbox\":[],\"inbox\":[],\"running\":[{\"peer\":\"central\",\"lane\":\"ordered\",\"seq\":4,\"method\":\"http-get\",\"for_s\":3}],\"peers\":[],\"security\":{"), "{line}");
         assert!(line.contains("\"trusted\":[{\"name\":\"ship1\",\"allow\":[\"exec\",\"files\"]}],\"rejected\":{\"replay\":2},\"last_rejected\":{}}}"), "{line}");
     }
 

@@ -2,7 +2,7 @@
 //!
 //! What goes: jobs whose every target has its result (with those targets and
 //! results), results no job target refers to, journal rows `done`, events,
-//! quarantined frames, and transfers that finished. What never goes: a job with a
+//! quarantined frames, entries of the error log, and transfers that finished. What never goes: a job with a
 //! target still queued, delivered or running, a journal row `running`, a transfer
 //! in progress, and anything in the inbox or outbox (those are not history, they
 //! are the work). A journal row whose frame is still in the inbox is kept too: the
@@ -51,13 +51,21 @@ pub struct Pruned {
     pub events: u64,
     pub quarantine: u64,
     pub transfers: u64,
+    /// Entries of the error log nodes reported (`node_errors`).
+    pub errors: u64,
     /// Some kind had a full batch: there may be more to prune now.
     pub full: bool,
 }
 
 impl Pruned {
     pub fn total(&self) -> u64 {
-        self.jobs + self.results + self.journal + self.events + self.quarantine + self.transfers
+        self.jobs
+            + self.results
+            + self.journal
+            + self.events
+            + self.quarantine
+            + self.transfers
+            + self.errors
     }
 
     pub fn add(&mut self, other: &Pruned) {
@@ -67,6 +75,7 @@ impl Pruned {
         self.events += other.events;
         self.quarantine += other.quarantine;
         self.transfers += other.transfers;
+        self.errors += other.errors;
         self.full |= other.full;
     }
 }
@@ -214,7 +223,7 @@ impl Store {
                  AND (last_ms < ?1 OR seq <= ?2)",
             )?
             .execute(params![cut, max_error - rows, n])? as u64;
-        pruned.events += errors;
+        pruned.errors = errors;
         pruned.full |= errors as i64 == n;
         // Transfers that finished (their chunks go with them, ON DELETE CASCADE).
         // Files held are swept when they expire (`Node::pump_files`), not here.
@@ -502,19 +511,30 @@ mod tests {
                     [(i * DAY) as i64],
                 )
                 .unwrap();
+            c.raw()
+                .execute(
+                    "INSERT INTO node_errors (node, kind, text, count, first_ms, last_ms, seq)
+                     VALUES ('a', 'store', ?1, 1, ?2, ?2, ?3)",
+                    rusqlite::params![format!("error {i}"), (i * DAY) as i64, i as i64 + 1],
+                )
+                .unwrap();
         }
         let keep = Retention {
             max_age_ms: 3 * DAY,
             max_rows: 1_000,
         };
         let p = c.prune(&keep, 100, 6 * DAY).unwrap();
-        assert_eq!((p.events, p.quarantine), (3, 3), "days 0, 1, 2 go");
+        assert_eq!(
+            (p.events, p.quarantine, p.errors),
+            (3, 3, 3),
+            "days 0, 1, 2 go"
+        );
         let keep = Retention {
             max_age_ms: u64::MAX,
             max_rows: 1,
         };
         let p = c.prune(&keep, 100, 6 * DAY).unwrap();
-        assert_eq!((p.events, p.quarantine), (2, 2));
+        assert_eq!((p.events, p.quarantine, p.errors), (2, 2, 2));
         assert_eq!(c.counts().unwrap().events, 1);
     }
 

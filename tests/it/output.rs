@@ -109,6 +109,29 @@ fn output_dir_writes_out_err_and_the_json_send_prints_and_append_keeps_both() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+    // A directory that cannot be made is reported: the result is printed, the
+    // exit code says it was not written.
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let blocked = file.join("sub");
+    let out = central.cli(&[
+        "send",
+        "--to",
+        "ship1",
+        "--output-dir",
+        blocked.to_str().unwrap(),
+        "exec",
+        "-n",
+        "--",
+        "echo",
+        "five",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ship1: five\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot write ship1's result"),
+        "{out:?}"
+    );
     // --append alone is a usage error.
     let bad = central.cli(&[
         "send", "--to", "ship1", "--append", "exec", "-n", "--", "true",
