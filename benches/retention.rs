@@ -105,11 +105,23 @@ fn take_all(n: &mut Node, now: u64) -> usize {
     taken
 }
 
-/// One pass as the agent runs it: batches until one is not full.
-fn prune_pass(n: &mut Node, keep: &Retention, now: u64) -> Pruned {
+/// One pass as the agent runs it: batches until one is not full. `slowest`
+/// keeps the longest one batch took (what the agent's loop waits at most), the
+/// time of all and how many there were.
+fn prune_pass(
+    n: &mut Node,
+    keep: &Retention,
+    now: u64,
+    timing: &mut (Duration, Duration, u32),
+) -> Pruned {
     let mut total = Pruned::default();
     loop {
+        let t = Instant::now();
         let p = n.prune(keep, 1000, now).unwrap();
+        let took = t.elapsed();
+        timing.0 = timing.0.max(took);
+        timing.1 += took;
+        timing.2 += 1;
         total.add(&p);
         if !p.full {
             return total;
@@ -157,6 +169,7 @@ fn core(commands: u64) {
     let mut next_prune = now + every;
     let mut pruned = (Pruned::default(), Pruned::default());
     let mut first_pass: Option<u64> = None;
+    let mut timing = (Duration::ZERO, Duration::ZERO, 0u32);
     println!(
         "core: {commands} exec commands central -> ship1 (library core, durability normal), retention 1m / 1000 rows, 10 ms of simulated time per command"
     );
@@ -193,8 +206,8 @@ fn core(commands: u64) {
         converse(&mut c, &mut s, &mut now);
         done += k;
         if now >= next_prune {
-            pruned.0.add(&prune_pass(&mut c, &keep, now));
-            pruned.1.add(&prune_pass(&mut s, &keep, now));
+            pruned.0.add(&prune_pass(&mut c, &keep, now, &mut timing));
+            pruned.1.add(&prune_pass(&mut s, &keep, now, &mut timing));
             if first_pass.is_none() && pruned.0.jobs > 0 {
                 first_pass = Some(done);
             }
@@ -230,8 +243,14 @@ fn core(commands: u64) {
         first_pass.unwrap_or(0)
     );
     println!(
-        "core: pruned at central: {} jobs, {} results, {} journal rows; at ship1: {} journal rows",
-        pruned.0.jobs, pruned.0.results, pruned.0.journal, pruned.1.journal
+        "core: pruned at central: {} jobs, {} results, {} journal rows; at ship1: {} journal rows; {} batches, mean {:.1} ms, slowest {:.1} ms",
+        pruned.0.jobs,
+        pruned.0.results,
+        pruned.0.journal,
+        pruned.1.journal,
+        timing.2,
+        timing.1.as_secs_f64() * 1000.0 / f64::from(timing.2.max(1)),
+        timing.0.as_secs_f64() * 1000.0
     );
 }
 

@@ -123,28 +123,37 @@ impl Store {
             full: jobs.len() as i64 == n,
             ..Pruned::default()
         };
-        for id in &jobs {
-            // Targets first: they refer to the job and to their results.
+        if !jobs.is_empty() {
+            // Set-based, one statement per table: the ids are integers read from
+            // this database, so listing them in the statement is safe.
+            let list = jobs
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
             let results: Vec<i64> = {
-                let mut stmt = tx.prepare_cached(
-                    "SELECT result FROM job_targets WHERE job = ?1 AND result IS NOT NULL",
-                )?;
-                let rows = stmt.query_map([id], |r| r.get(0))?;
+                let mut stmt = tx.prepare(&format!(
+                    "SELECT result FROM job_targets WHERE job IN ({list}) AND result IS NOT NULL"
+                ))?;
+                let rows = stmt.query_map([], |r| r.get(0))?;
                 rows.collect::<Result<_, _>>()?
             };
-            tx.prepare_cached("DELETE FROM job_targets WHERE job = ?1")?
-                .execute([id])?;
-            for r in results {
-                pruned.results += tx
-                    .prepare_cached("DELETE FROM results WHERE id = ?1")?
-                    .execute([r])? as u64;
+            // Targets first: they refer to the job and to their results.
+            tx.execute_batch(&format!(
+                "DELETE FROM job_targets WHERE job IN ({list});
+                 DELETE FROM job_outputs_written WHERE job IN ({list});
+                 DELETE FROM job_outputs WHERE job IN ({list});
+                 DELETE FROM jobs WHERE id IN ({list});"
+            ))?;
+            if !results.is_empty() {
+                let list = results
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                pruned.results +=
+                    tx.execute(&format!("DELETE FROM results WHERE id IN ({list})"), [])? as u64;
             }
-            tx.prepare_cached("DELETE FROM job_outputs_written WHERE job = ?1")?
-                .execute([id])?;
-            tx.prepare_cached("DELETE FROM job_outputs WHERE job = ?1")?
-                .execute([id])?;
-            tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
-                .execute([id])?;
         }
         // Results no target refers to (a command sent without a job, a late
         // result for a job already pruned): old or beyond the newest `rows`. Only
