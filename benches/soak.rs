@@ -39,6 +39,7 @@ fn append(n: usize, file: &Path) -> Request {
         lane: None,
         ttl_s: None,
         key: None,
+        output: None,
         command: CommandSpec::Exec {
             argv: vec![
                 "sh".into(),

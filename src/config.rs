@@ -53,6 +53,10 @@ pub struct FileConfig {
     pub facts_dir: Option<PathBuf>,
     pub facts_refresh: Option<String>,
     pub facts_interval: Option<String>,
+    /// Finished history older than this is pruned.
+    pub retention: Option<String>,
+    /// Of finished jobs, results, journal rows, events: at most this many kept.
+    pub retention_jobs: Option<u64>,
 }
 
 impl FileConfig {
@@ -114,7 +118,9 @@ impl FileConfig {
             chunk_size,
             facts_dir,
             facts_refresh,
-            facts_interval
+            facts_interval,
+            retention,
+            retention_jobs
         );
         self
     }
@@ -180,6 +186,9 @@ pub struct Config {
     /// Facts are read and compared this often (only changes are sent).
     #[serde(serialize_with = "secs")]
     pub facts_interval: Duration,
+    #[serde(serialize_with = "secs")]
+    pub retention: Duration,
+    pub retention_jobs: u64,
 }
 
 fn display<S: serde::Serializer>(v: &BrokerUrl, s: S) -> Result<S::Ok, S::Error> {
@@ -254,11 +263,19 @@ impl Config {
                 "facts_interval: at least 1s, and facts_refresh at least facts_interval".into(),
             );
         }
+        let retention = opt(raw.retention.as_deref(), "retention", parse_duration)?
+            .unwrap_or(Duration::from_secs(30 * 86_400));
+        if retention < Duration::from_secs(1) {
+            return Err("retention: at least 1s".into());
+        }
+        let retention_jobs = raw.retention_jobs.unwrap_or(100_000);
         let state_dir: PathBuf = raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
         Ok(Config {
             facts_dir: raw.facts_dir,
             facts_refresh,
             facts_interval,
+            retention,
+            retention_jobs,
             files_dir: raw.files_dir.unwrap_or_else(|| state_dir.join("files")),
             share_dirs: raw.share_dirs.unwrap_or_default(),
             chunk_size: chunk_size as u32,
@@ -355,6 +372,8 @@ pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
     if !ms.is_multiple_of(1000) {
         format!("{ms}ms")
+    } else if ms.is_multiple_of(86_400_000) && ms > 0 {
+        format!("{}d", ms / 86_400_000)
     } else if ms.is_multiple_of(3_600_000) && ms > 0 {
         format!("{}h", ms / 3_600_000)
     } else if ms.is_multiple_of(60_000) && ms > 0 {

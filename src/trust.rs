@@ -172,6 +172,17 @@ pub struct Trust {
 }
 
 impl Trust {
+    /// Who gets this node's reports (facts and errors): every peer allowed to ask
+    /// anything of this node, `allow=facts` alone included (the operators, not
+    /// peers whose results we only accept). The one rule for "who is central".
+    pub fn report_peers(&self) -> std::collections::BTreeSet<Name> {
+        self.peers
+            .values()
+            .filter(|p| !p.allow.is_empty())
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
     pub fn parse(text: &str) -> Result<Trust, String> {
         let mut peers = BTreeMap::new();
         for (i, line) in text.lines().enumerate() {

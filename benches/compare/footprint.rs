@@ -33,6 +33,7 @@ pub fn enqueue(r: &mut Report, o: &Opts) {
             lane: Some("ordered".into()),
             ttl_s: None,
             key: None,
+            output: None,
             command: CommandSpec::Ping,
         };
         // A few to warm the caches and the statement cache; not counted.

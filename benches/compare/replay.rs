@@ -336,6 +336,7 @@ fn enqueue(central: &Agent, gate: &Gate, kind: Kind, n: usize) -> (i64, Vec<i64>
             lane: Some("ordered".into()),
             ttl_s: None,
             key: None,
+            output: None,
             command,
         };
         let reply = client

@@ -121,6 +121,7 @@ impl Pair {
             lane: Some(lane.into()),
             ttl_s: None,
             key: None,
+            output: None,
             command,
         };
         self.central.call(&req)["job"].as_i64().expect("job id")
@@ -135,6 +136,7 @@ impl Pair {
             lane: Some(lane.into()),
             ttl_s: None,
             key: None,
+            output: None,
             command,
         };
         let v = client.call(&req, Duration::from_secs(60)).expect("send");

@@ -67,12 +67,9 @@ impl Agent {
     /// anything (`allow=` not empty; `allow=facts` alone is enough). A peer
     /// trusted with nothing only exchanges results with us.
     pub(super) fn facts_peers(&self) -> BTreeSet<Name> {
-        self.trust
-            .peers
-            .values()
-            .filter(|p| !p.allow.is_empty() && p.name != self.cfg.name)
-            .map(|p| p.name.clone())
-            .collect()
+        let mut peers = self.trust.report_peers();
+        peers.remove(&self.cfg.name);
+        peers
     }
 
     /// Starts reading facts when they are due and the link is up: `facts_dir`'s

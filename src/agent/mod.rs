@@ -30,11 +30,14 @@ use crate::trust::Trust;
 use crate::{debug, error, info, warn};
 
 mod commands;
+mod errors;
 mod facts;
 mod files;
 mod nodes;
 mod os;
+mod output;
 mod requests;
+mod retention;
 mod session;
 
 pub use commands::DEFAULT_TIMEOUT_MS;
@@ -52,7 +55,7 @@ const MAX_PACKET: usize = 2 * frame::MAX_FRAME;
 #[derive(Debug)]
 enum Msg {
     Link(LinkEvent),
-    Control(Call),
+    Control(Box<Call>),
     Done(Box<Inbound>, Box<CmdResult>),
     /// SIGTERM or SIGINT: stop children, record them, leave.
     Stop(i32),
@@ -140,7 +143,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let (tx, rx) = smol::channel::unbounded::<Msg>();
     os::spawn_signal_thread(signals, tx.clone());
     let listener = control::server::bind(&cfg.state_dir)?;
-    smol::spawn(control::server::serve(listener, tx.clone(), Msg::Control)).detach();
+    smol::spawn(control::server::serve(listener, tx.clone(), |c| {
+        Msg::Control(Box::new(c))
+    }))
+    .detach();
 
     let presence = cfg.presence_topic(&cfg.name);
     let link_cfg = LinkConfig {
@@ -177,7 +183,12 @@ pub fn run(cfg: Config) -> Result<(), String> {
         cfg.state_dir.display()
     );
 
+    let keep = crate::store::Retention {
+        max_age_ms: cfg.retention.as_millis() as u64,
+        max_rows: cfg.retention_jobs,
+    };
     let mut agent = Agent {
+        pruning: retention::Pruning::new(keep, now_ms()),
         trust: Trust::default(),
         trust_stamp: None,
         rejected: BTreeMap::new(),
@@ -204,6 +215,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
         links: facts::LinkCounters::default(),
     };
     agent.refresh_trust();
+    // Results that arrived before a restart and were not yet written to files.
+    agent.write_outputs(true, &[]);
     agent.drive();
     loop {
         let msg = agent.next_msg(&rx);
@@ -260,6 +273,8 @@ struct Agent {
     /// When facts are read next (see `facts.rs`).
     facts: facts::FactsState,
     links: facts::LinkCounters,
+    /// Retention: when the next prune is due, what went.
+    pruning: retention::Pruning,
 }
 
 impl Agent {
@@ -272,6 +287,12 @@ impl Agent {
             .map(|t| Duration::from_millis(t.saturating_sub(now)));
         if let Some(at) = self.retry_at {
             let d = at.saturating_duration_since(Instant::now());
+            wake = Some(wake.map_or(d, |w| w.min(d)));
+        }
+        let d = Duration::from_millis(self.pruning.due().saturating_sub(now));
+        wake = Some(wake.map_or(d, |w| w.min(d)));
+        if let Some(t) = self.node.next_error_report() {
+            let d = Duration::from_millis(t.saturating_sub(now));
             wake = Some(wake.map_or(d, |w| w.min(d)));
         }
         if !self.unrecorded.is_empty() || self.stopping.is_some() {
@@ -343,7 +364,8 @@ impl Agent {
                 // PUBACK only now: whatever we keep of it is committed.
                 self.link.ack(ack);
             }
-            Msg::Control(Call { req, reply }) => {
+            Msg::Control(call) => {
+                let Call { req, reply } = *call;
                 if let Some(r) = self.on_request(req, &reply, now) {
                     let _ = reply.try_send(r);
                 }
@@ -369,6 +391,13 @@ impl Agent {
                             self.cfg.name
                         );
                     }
+                }
+                if result.status == Status::Failed
+                    && result.exit_code.is_none()
+                    && result.reason.starts_with("cannot run")
+                {
+                    // exec's words for a program that could not be started.
+                    self.node.report_error("spawn", &result.reason, now);
                 }
                 self.unrecorded.push((inbound, result));
                 self.record_results(now);
@@ -423,8 +452,9 @@ impl Agent {
 
     /// Notes whether the last store write failed, for `status` and the log.
     fn note_store(&mut self, failed: Option<String>, now: u64) {
-        if failed.is_some() {
+        if let Some(e) = &failed {
             self.store_retry_ms = now + 2_000;
+            self.node.report_error("store", e, now);
         }
         match (failed, &self.store_error) {
             (Some(e), None) => self.store_error = Some((now, e)),
@@ -549,12 +579,18 @@ impl Agent {
             }
             self.note_store(taken.err().map(|e| e.to_string()), now);
         }
+        if !store_waits {
+            self.pruning.run(&mut self.node, now);
+        }
         self.announce_running(now);
         if self.stopping.is_none() {
             self.collect_facts(now);
         }
         if let Err(e) = self.node.pump_files(now) {
             error!("cannot queue file chunks: {e}");
+        }
+        if let Err(e) = self.node.flush_errors(now) {
+            debug!("cannot queue the error report yet: {e}");
         }
         self.log_notices();
         match self.node.poll_out(now) {
@@ -584,6 +620,10 @@ impl Agent {
                 }
             }
             Err(e) => error!("cannot read the outbox: {e}"),
+        }
+        if self.changed_jobs.all || !self.changed_jobs.ids.is_empty() {
+            let ids: Vec<i64> = self.changed_jobs.ids.iter().copied().collect();
+            self.write_outputs(self.changed_jobs.all, &ids);
         }
         self.answer_waiters();
     }

@@ -36,10 +36,12 @@ impl Agent {
                 command,
                 where_,
                 online,
+                output,
             } => super::nodes::selectors(&where_)
                 .and_then(|sel| {
                     let targets = self.resolve_selected(&to, &sel, online)?;
-                    self.send(targets, lane.as_deref(), ttl_s, key.as_deref(), command, now)
+                    let lane = lane.as_deref();
+                    self.send_with_output(targets, lane, ttl_s, key.as_deref(), command, output, now)
                 })
                 .map(Reply::Send),
             Request::Cancel { id, node } => self.cancel(id, node.as_deref(), now).map(Reply::Cancel),
@@ -93,6 +95,9 @@ impl Agent {
             Request::Node { name } => self
                 .node_view(&name, now)
                 .map(|node| Reply::Node(NodeReply { node })),
+            Request::Errors { node, after, limit } => self
+                .errors(node.as_deref(), after.unwrap_or(0), limit)
+                .map(Reply::Errors),
         };
         Some(r.unwrap_or_else(Reply::Error))
     }
@@ -152,7 +157,7 @@ impl Agent {
         }
     }
 
-    fn send(
+    pub(super) fn send(
         &mut self,
         (targets, notes): (Vec<Name>, Vec<String>),
         lane: Option<&str>,
@@ -516,6 +521,7 @@ impl Agent {
                 epoch: format!("{:016x}", self.node.epoch()),
                 lost: lost.map(|(at_ms, reason)| StoreLost { at_ms, reason }),
                 failing,
+                retention: self.pruning.status(store),
             },
             outbox: outbox
                 .iter()

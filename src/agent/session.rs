@@ -44,6 +44,7 @@ impl Agent {
                 self.node.set_files_peers(files);
                 self.node.set_facts_peers(self.facts_peers());
                 self.facts_soon();
+                self.node.set_report_peers(self.trust.report_peers());
                 self.subscribe_presence();
             }
             Err(e) if first && self.trust.peers.is_empty() => error!(
@@ -121,6 +122,9 @@ impl Agent {
     /// one line a minute per kind with how many more there were.
     fn reject(&mut self, kind: &'static str, detail: &str) {
         let now = now_ms();
+        // To central, by kind: the detail varies (names, counters) and would
+        // defeat deduplication.
+        self.node.report_error("rejected", kind, now);
         let r = self.rejected.entry(kind).or_default();
         r.count += 1;
         r.last = detail.chars().take(200).collect();

@@ -83,6 +83,13 @@ pub struct AgentArgs {
     /// read facts and send what changed this often (default 5m)
     #[argh(option)]
     pub facts_interval: Option<String>,
+    /// finished jobs, results and events older than this are pruned (default 30d)
+    #[argh(option)]
+    pub retention: Option<String>,
+    /// at most this many finished jobs (and journal rows, results, events) kept
+    /// (default 100000)
+    #[argh(option)]
+    pub retention_jobs: Option<u64>,
 }
 
 impl AgentArgs {
@@ -111,6 +118,8 @@ impl AgentArgs {
             facts_dir: self.facts_dir.clone(),
             facts_refresh: self.facts_refresh.clone(),
             facts_interval: self.facts_interval.clone(),
+            retention: self.retention.clone(),
+            retention_jobs: self.retention_jobs,
         }
     }
 }

@@ -17,6 +17,7 @@ use argh::FromArgs;
 use crate::config;
 
 mod agent;
+mod errors;
 mod files;
 mod jobs;
 mod keys;
@@ -96,6 +97,7 @@ pub enum Cmd {
     Queue(queue::QueueArgs),
     Status(status::StatusArgs),
     Nodes(nodes::NodesArgs),
+    Errors(errors::ErrorsArgs),
     Config(ConfigArgs),
     Keys(keys::KeysArgs),
     Files(files::FilesArgs),
@@ -191,6 +193,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
         Cmd::Queue(args) => queue::run(args),
         Cmd::Status(args) => status::run(args),
         Cmd::Nodes(args) => nodes::run(args),
+        Cmd::Errors(args) => errors::run(args),
         Cmd::Config(c) => match c.cmd {
             ConfigCmd::Check(check) => config_check(check),
         },

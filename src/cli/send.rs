@@ -10,7 +10,8 @@ use serde::Serialize;
 
 use super::{client_args, duration_flag, Common};
 use crate::config;
-use crate::control::reply::{JobView, ResultView};
+use crate::control::output::{write_result, OutputSpec};
+use crate::control::reply::ResultView;
 use crate::control::{Client, CommandSpec, Request, Select};
 
 /// Largest stdin `send` passes to a command (it travels in one frame).
@@ -48,6 +49,13 @@ client_args! {
         /// that has not started yet
         #[argh(option)]
         pub key: Option<String>,
+        /// write each target's result to DIR/NODE.out, NODE.err and NODE.json as
+        /// it arrives (with --async the agent writes them)
+        #[argh(option)]
+        pub output_dir: Option<std::path::PathBuf>,
+        /// with --output-dir: append to the files instead of replacing them
+        #[argh(switch)]
+        pub append: bool,
         #[argh(subcommand)]
         pub method: MethodArgs,
     }
@@ -121,12 +129,14 @@ pub(super) fn run(args: SendArgs) -> Result<ExitCode, String> {
             )
         }
     };
+    let output = output_spec(args.output_dir.as_deref(), args.append)?;
     let mut client = common.client()?;
     let reply = client.submit(&Request::Send {
         to,
         lane: Some(args.lane.clone()),
         ttl_s,
         key: args.key.clone(),
+        output: output.clone().filter(|_| args.no_wait),
         command,
         where_: select.where_.clone(),
         online: select.online,
@@ -158,7 +168,32 @@ pub(super) fn run(args: SendArgs) -> Result<ExitCode, String> {
     }
     // First, so that a job is never lost to the operator if this stops waiting.
     eprintln!("outpost: job {}", reply.job);
-    follow(&mut client, reply.job, common.json)
+    follow_into(&mut client, reply.job, common.json, output.as_ref())
+}
+
+/// `--output-dir` as the agent needs it: absolute (a relative one is taken from
+/// the current directory here, where the user typed it).
+fn output_spec(dir: Option<&std::path::Path>, append: bool) -> Result<Option<OutputSpec>, String> {
+    let Some(dir) = dir else {
+        if append {
+            return Err("--append goes with --output-dir".into());
+        }
+        return Ok(None);
+    };
+    let dir = if dir.is_absolute() {
+        dir.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| format!("--output-dir: the current directory: {e}"))?
+            .join(dir)
+    };
+    let dir = dir
+        .to_str()
+        .ok_or_else(|| format!("--output-dir {}: not UTF-8", dir.display()))?;
+    Ok(Some(OutputSpec {
+        dir: dir.to_string(),
+        append,
+    }))
 }
 
 /// The command the flags describe. Exec reads stdin when it is not a terminal.
@@ -223,7 +258,20 @@ fn read_stdin() -> Result<String, String> {
 
 /// Prints each target's result as it arrives; exit 0 when every one is ok.
 pub(super) fn follow(client: &mut Client, job: i64, json: bool) -> Result<ExitCode, String> {
+    follow_into(client, job, json, None)
+}
+
+/// As [`follow`], and writes each result into `output`'s files. A result that
+/// cannot be written is still printed; the first such error ends it (exit 2)
+/// once every result is in.
+fn follow_into(
+    client: &mut Client,
+    job: i64,
+    json: bool,
+    output: Option<&OutputSpec>,
+) -> Result<ExitCode, String> {
     let mut printed: Vec<String> = Vec::new();
+    let mut unwritten: Option<String> = None;
     let mut all_ok = true;
     loop {
         let Some(j) = client.wait(job, printed.len(), Duration::from_secs(300))? else {
@@ -241,8 +289,18 @@ pub(super) fn follow(client: &mut Client, job: i64, json: bool) -> Result<ExitCo
             } else {
                 print_result(&t.node, r);
             }
+            if let Some(out) = output {
+                let dir = std::path::Path::new(&out.dir);
+                if let Err(e) = write_result(dir, out.append, &j, &t.node, r) {
+                    eprintln!("outpost: cannot write {}'s result: {e}", t.node);
+                    unwritten.get_or_insert(e);
+                }
+            }
         }
         if printed.len() >= j.targets.len() {
+            if let Some(e) = unwritten {
+                return Err(format!("results not written to files: {e}"));
+            }
             return Ok(if all_ok {
                 ExitCode::SUCCESS
             } else {
@@ -252,41 +310,7 @@ pub(super) fn follow(client: &mut Client, job: i64, json: bool) -> Result<ExitCo
     }
 }
 
-/// What `send --json` prints: one object per target result.
-#[derive(Debug, Serialize)]
-pub(super) struct TargetResult<'a> {
-    pub node: &'a str,
-    pub job: i64,
-    pub status: &'a str,
-    pub exit_code: Option<i32>,
-    pub stdout: &'a str,
-    pub stderr: &'a str,
-    pub truncated: bool,
-    pub duration_ms: u64,
-    pub reason: &'a str,
-    pub rtt_ms: Option<u64>,
-    pub http_status: Option<u16>,
-    pub http_headers: Option<&'a [(String, String)]>,
-}
-
-impl<'a> TargetResult<'a> {
-    pub(super) fn new(job: &JobView, node: &'a str, r: &'a ResultView) -> TargetResult<'a> {
-        TargetResult {
-            node,
-            job: job.id,
-            status: &r.status,
-            exit_code: r.exit_code,
-            stdout: &r.stdout,
-            stderr: &r.stderr,
-            truncated: r.truncated,
-            duration_ms: r.duration_ms,
-            reason: &r.reason,
-            rtt_ms: r.rtt_ms,
-            http_status: r.http_status,
-            http_headers: r.http_headers.as_deref(),
-        }
-    }
-}
+pub(super) use crate::control::output::TargetResult;
 
 /// One target's result for people: output lines prefixed by the node, then what
 /// went wrong, if anything.

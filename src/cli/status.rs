@@ -48,6 +48,24 @@ pub(super) fn run(args: StatusArgs) -> Result<ExitCode, String> {
             f.for_s, f.error, f.unrecorded_results
         );
     }
+    let r = &st.retention;
+    let last = match r.last_pass_ms {
+        None => "no pass yet".to_string(),
+        Some(at) => {
+            let p = &r.last;
+            format!(
+                "last pass {}s ago pruned {} job(s), {} result(s), {} journal row(s), {} event(s), {} quarantined, {} transfer(s)",
+                crate::agent::now_ms().saturating_sub(at) / 1000,
+                p.jobs, p.results, p.journal, p.events, p.quarantine, p.transfers
+            )
+        }
+    };
+    println!(
+        "history  kept {} and at most {} of each kind; {last}; {} job(s) pruned since start",
+        config::format_duration(std::time::Duration::from_secs(r.keep_s)),
+        r.keep_rows,
+        r.since_start.jobs
+    );
     if let Some(l) = &st.lost {
         println!("store    lost state at {} ms: {}", l.at_ms, l.reason);
     }

@@ -80,6 +80,7 @@ impl Client {
             lane: lane.map(Into::into),
             ttl_s,
             key: None,
+            output: None,
             command,
             where_: select.where_.clone(),
             online: select.online,
@@ -168,6 +169,22 @@ impl Client {
 
     pub fn status(&mut self) -> Result<StatusReply, String> {
         self.typed(&Request::Status, CALL)
+    }
+
+    /// The error log, changed after `after`, of `node` if given, newest last.
+    pub fn errors(
+        &mut self,
+        node: Option<&str>,
+        after: u64,
+        limit: Option<u32>,
+    ) -> Result<Vec<super::reply::ErrorView>, String> {
+        let req = Request::Errors {
+            node: node.map(Into::into),
+            after: Some(after),
+            limit,
+        };
+        let r: super::reply::ErrorsReply = self.typed(&req, CALL)?;
+        Ok(r.errors)
     }
 
     pub fn files_put(

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 mod client;
+pub mod output;
 pub mod reply;
 pub mod server;
 
@@ -50,6 +51,9 @@ pub enum Request {
         /// Only the nodes whose presence says online.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         online: bool,
+        /// The agent writes each target's result into this directory as it arrives.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<output::OutputSpec>,
     },
     /// Cancel job `id` everywhere it is (for `node` only, if given).
     Cancel {
@@ -123,6 +127,16 @@ pub enum Request {
     /// One trusted node, everything the registry knows of it.
     Node {
         name: String,
+    },
+    /// The error log: errors nodes reported, changed after `after` (a `seq`),
+    /// of one node if given, newest last.
+    Errors {
+        #[serde(default)]
+        node: Option<String>,
+        #[serde(default)]
+        after: Option<u64>,
+        #[serde(default)]
+        limit: Option<u32>,
     },
 }
 
@@ -230,6 +244,7 @@ mod tests {
             lane: None,
             ttl_s: None,
             key: None,
+            output: None,
             command: CommandSpec::Ping,
             where_: vec![],
             online: false,

@@ -30,6 +30,7 @@ pub enum Reply {
     Purge(PurgeReply),
     Nodes(NodesReply),
     Node(NodeReply),
+    Errors(ErrorsReply),
     Error(String),
 }
 
@@ -72,6 +73,7 @@ impl Reply {
             Reply::Purge(r) => ok(r),
             Reply::Nodes(r) => ok(r),
             Reply::Node(r) => ok(r),
+            Reply::Errors(r) => ok(r),
             Reply::Error(e) => serde_json::to_vec(&Failed {
                 ok: false,
                 error: e,
@@ -84,6 +86,25 @@ impl Reply {
         line.push(b'\n');
         line
     }
+}
+
+/// `errors`: what nodes reported, newest last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorsReply {
+    pub errors: Vec<ErrorView>,
+}
+
+/// One entry of the error log: a (node, kind, text) with how often and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorView {
+    /// Goes up with every change; `after` in the request is one of these.
+    pub seq: u64,
+    pub node: String,
+    pub kind: String,
+    pub text: String,
+    pub count: u64,
+    pub first_ms: u64,
+    pub last_ms: u64,
 }
 
 /// `send`: the job and where each target's command was queued.
@@ -270,6 +291,52 @@ pub struct StoreStatus {
     pub lost: Option<StoreLost>,
     /// Since when and why the store refuses writes.
     pub failing: Option<StoreFailing>,
+    /// What retention keeps and what it last pruned.
+    pub retention: RetentionStatus,
+}
+
+/// `status.store.retention`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionStatus {
+    /// Finished history older than this goes.
+    pub keep_s: u64,
+    /// Of each kind, at most this many finished rows stay.
+    pub keep_rows: u64,
+    /// When the last pass ended, and what it pruned.
+    pub last_pass_ms: Option<u64>,
+    pub last: PrunedCounts,
+    /// Everything pruned since the agent started.
+    pub since_start: PrunedCounts,
+    /// Pages of `store.db`: in use, and free (reused by the next writes; the
+    /// file does not shrink).
+    pub pages_used: u64,
+    pub pages_free: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrunedCounts {
+    pub jobs: u64,
+    pub results: u64,
+    pub journal: u64,
+    pub events: u64,
+    pub quarantine: u64,
+    pub transfers: u64,
+    /// Entries of the error log nodes reported.
+    pub errors: u64,
+}
+
+impl From<&crate::store::Pruned> for PrunedCounts {
+    fn from(p: &crate::store::Pruned) -> Self {
+        PrunedCounts {
+            jobs: p.jobs,
+            results: p.results,
+            journal: p.journal,
+            events: p.events,
+            quarantine: p.quarantine,
+            transfers: p.transfers,
+            errors: p.errors,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -693,6 +760,20 @@ mod tests {
             "{\"ok\":true,\"id\":\"log.txt\",\"transfer\":4}\n"
         );
         assert_eq!(
+            line(Reply::Errors(ErrorsReply {
+                errors: vec![ErrorView {
+                    seq: 4,
+                    node: "ship1".into(),
+                    kind: "rejected".into(),
+                    text: "replay".into(),
+                    count: 3,
+                    first_ms: 1763800000000,
+                    last_ms: 1763800005000,
+                }]
+            })),
+            "{\"ok\":true,\"errors\":[{\"seq\":4,\"node\":\"ship1\",\"kind\":\"rejected\",\"text\":\"replay\",\"count\":3,\"first_ms\":1763800000000,\"last_ms\":1763800005000}]}\n"
+        );
+        assert_eq!(
             line(Reply::FilesRm(FilesRmReply {
                 removed: vec!["ship1/log.txt".into()]
             })),
@@ -776,6 +857,24 @@ mod tests {
                 epoch: "00000000000000ab".into(),
                 lost: None,
                 failing: None,
+                retention: RetentionStatus {
+                    keep_s: 2_592_000,
+                    keep_rows: 100_000,
+                    last_pass_ms: Some(1_763_800_000_000),
+                    last: PrunedCounts {
+                        jobs: 2,
+                        results: 2,
+                        ..PrunedCounts::default()
+                    },
+                    since_start: PrunedCounts {
+                        jobs: 5,
+                        results: 5,
+                        journal: 1,
+                        ..PrunedCounts::default()
+                    },
+                    pages_used: 40,
+                    pages_free: 8,
+                },
             },
             outbox: vec![],
             inbox: vec![],
@@ -798,7 +897,7 @@ mod tests {
             },
         };
         let line = String::from_utf8(Reply::Status(Box::new(s)).to_line()).unwrap();
-        assert!(line.starts_with("{\"ok\":true,\"node\":\"central\",\"version\":\"0.1.0\",\"broker\":\"mqtt://127.0.0.1:1883\",\"link\":{\"connected\":true,\"since_ms\":1,\"for_s\":2,\"last_error\":null,\"presence\":\"on\",\"poisoned\":null},\"store\":{\"used\":10,\"quota\":20,\"quarantined\":0,\"events\":0,\"epoch\":\"00000000000000ab\",\"lost\":null,\"failing\":null},\"outbox\":[],\"inbox\":[],\"running\":[{\"peer\":\"central\",\"lane\":\"ordered\",\"seq\":4,\"method\":\"http-get\",\"for_s\":3}],\"peers\":[],\"security\":{"), "{line}");
+        assert!(line.starts_with("{\"ok\":true,\"node\":\"central\",\"version\":\"0.1.0\",\"broker\":\"mqtt://127.0.0.1:1883\",\"link\":{\"connected\":true,\"since_ms\":1,\"for_s\":2,\"last_error\":null,\"presence\":\"on\",\"poisoned\":null},\"store\":{\"used\":10,\"quota\":20,\"quarantined\":0,\"events\":0,\"epoch\":\"00000000000000ab\",\"lost\":null,\"failing\":null,\"retention\":{\"keep_s\":2592000,\"keep_rows\":100000,\"last_pass_ms\":1763800000000,\"last\":{\"jobs\":2,\"results\":2,\"journal\":0,\"events\":0,\"quarantine\":0,\"transfers\":0,\"errors\":0},\"since_start\":{\"jobs\":5,\"results\":5,\"journal\":1,\"events\":0,\"quarantine\":0,\"transfers\":0,\"errors\":0},\"pages_used\":40,\"pages_free\":8}},\"outbox\":[],\"inbox\":[],\"running\":[{\"peer\":\"central\",\"lane\":\"ordered\",\"seq\":4,\"method\":\"http-get\",\"for_s\":3}],\"peers\":[],\"security\":{"), "{line}");
         assert!(line.contains("\"trusted\":[{\"name\":\"ship1\",\"allow\":[\"exec\",\"files\"]}],\"rejected\":{\"replay\":2},\"last_rejected\":{}}}"), "{line}");
     }
 

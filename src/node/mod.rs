@@ -34,10 +34,13 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 mod cancel;
+mod errors;
 mod facts;
 mod files;
+mod output;
 
 pub use cancel::Cancel;
+pub use errors::errors_lane;
 pub use facts::FactsQueued;
 pub use files::CHUNKS_AHEAD;
 
@@ -45,8 +48,8 @@ use crate::delivery::{Action, Delivery, DeliveryConfig, Event};
 use crate::frame::{self, Body, CmdResult, Envelope, Lane, Method, Name, Status};
 use crate::session::{Change, Refusal, Session};
 use crate::store::{
-    control_lane, Corrupt, Inbound, Loss, Mono, Outgoing, Queued, Receipt, Store, StoreConfig,
-    StoreError, SyncOutcome,
+    control_lane, Corrupt, Inbound, Loss, Mono, Outgoing, Pruned, Queued, Receipt, Retention,
+    Store, StoreConfig, StoreError, SyncOutcome,
 };
 use crate::trust::Keys;
 
@@ -214,6 +217,8 @@ pub struct Node {
     facts_peers: BTreeSet<Name>,
     /// Per peer: when it was last heard from, and when that was last saved.
     seen: BTreeMap<Name, (u64, u64)>,
+    /// Errors met here, waiting to be reported (`errors.rs`).
+    errors: errors::ErrorLog,
 }
 
 impl Node {
@@ -250,6 +255,7 @@ impl Node {
             notices: Vec::new(),
             facts_peers: BTreeSet::new(),
             seen: BTreeMap::new(),
+            errors: errors::ErrorLog::default(),
         };
         node.sync_streams()?;
         for peer in node.store.peers_with_work()? {
@@ -273,6 +279,17 @@ impl Node {
     /// returns how many.
     pub fn expire(&mut self, now_ms: u64) -> Result<usize, StoreError> {
         self.store.expire_unsent(now_ms)
+    }
+
+    /// Prunes finished history, one bounded batch (see [`Store::prune`]). Only
+    /// history goes, nothing delivery knows of.
+    pub fn prune(
+        &mut self,
+        keep: &Retention,
+        batch: u32,
+        now_ms: u64,
+    ) -> Result<Pruned, StoreError> {
+        self.store.prune(keep, batch, now_ms)
     }
 
     /// This node's public key.
@@ -424,7 +441,7 @@ impl Node {
                     out.taken += 1;
                 }
                 Body::Errors(_) => {
-                    self.store.consume(&inbound)?;
+                    self.on_errors(&inbound)?;
                     out.taken += 1;
                 }
                 // Unsequenced: never stored in the inbox.

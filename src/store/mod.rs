@@ -9,15 +9,21 @@
 //! Blocking: call it from a dedicated thread, never from an async executor.
 
 mod cancel;
+mod errors;
 mod files;
 pub mod marker;
+mod output;
 mod registry;
+mod retention;
 mod schema;
 mod session;
 
 pub use cancel::{CancelAt, Cancelled, Waiting};
+pub use errors::NodeError;
 pub use files::{bulk_lane, control_lane, HeldFile, Transfer};
+pub use output::JobOutput;
 pub use registry::{FactsSent, NodeRecord};
+pub use retention::{Pruned, Retention};
 pub use session::{PeerSession, SyncOutcome};
 
 use marker::Marker;

@@ -244,6 +244,47 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX events_peer ON events (peer, id);
     ",
+    // 8 -> 9: retention (store/retention.rs). Each prune query walks one of these
+    // or a range of row ids, never the whole history; `job_targets_result` also
+    // serves the foreign-key check when a result is deleted.
+    "
+    CREATE INDEX jobs_created ON jobs (created_ms);
+    CREATE INDEX job_targets_result ON job_targets (result);
+    CREATE INDEX results_at ON results (at_ms);
+    CREATE INDEX journal_done ON journal (finished_ms) WHERE state = 'done';
+    ",
+    // 9 -> 10: results to files (`send --output-dir --async`): where the agent
+    // writes a job's results, and which targets' it has written (pending until all).
+    "
+    CREATE TABLE job_outputs (
+        job INTEGER PRIMARY KEY REFERENCES jobs (id),
+        dir TEXT NOT NULL,
+        append INTEGER NOT NULL,
+        pending INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE INDEX job_outputs_pending ON job_outputs (job) WHERE pending = 1;
+    CREATE TABLE job_outputs_written (
+        job INTEGER NOT NULL REFERENCES job_outputs (job),
+        node TEXT NOT NULL,
+        error TEXT,                     -- why writing failed, if it did
+        PRIMARY KEY (job, node)
+    );
+    ",
+    // 10 -> 11: the central error log: what nodes reported (`Body::Errors`), one
+    // row per (node, kind, text) with counts added up; `seq` goes up with every
+    // change, so `errors --follow` asks for what changed after the last it saw.
+    "
+    CREATE TABLE node_errors (
+        id INTEGER PRIMARY KEY,
+        node TEXT NOT NULL, kind TEXT NOT NULL, text TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        first_ms INTEGER NOT NULL,
+        last_ms INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        UNIQUE (node, kind, text)
+    );
+    CREATE UNIQUE INDEX node_errors_seq ON node_errors (seq);
+    ",
 ];
 
 /// Brings the database to the newest version, one transaction per step.

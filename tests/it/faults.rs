@@ -45,6 +45,7 @@ fn send(agent: &Agent, to: &str, command: CommandSpec) -> i64 {
         lane: None,
         ttl_s: None,
         key: None,
+        output: None,
         command,
     })["job"]
         .as_i64()
@@ -766,6 +767,7 @@ fn exec_ttl(argv: &[&str], agent: &Agent, to: &str, ttl_s: u32) -> i64 {
         lane: None,
         ttl_s: Some(ttl_s),
         key: None,
+        output: None,
         command: exec(argv),
     })["job"]
         .as_i64()

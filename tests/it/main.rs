@@ -8,10 +8,13 @@
 mod agent;
 mod cancel;
 mod cli;
+mod errors;
 mod facts;
 mod faults;
 mod files;
 mod link;
+mod output;
+mod retention;
 mod security;
 mod sim;
 mod support;

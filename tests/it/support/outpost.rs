@@ -229,6 +229,7 @@ impl Agent {
             lane: Some(lane.into()),
             ttl_s,
             key: None,
+            output: None,
             command: CommandSpec::Exec {
                 argv: argv.iter().map(std::string::ToString::to_string).collect(),
                 env: vec![],
