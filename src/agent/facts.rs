@@ -98,7 +98,7 @@ impl Agent {
     /// to the node, which queues what each facts peer lacks.
     pub(super) fn report_facts(&mut self, custom: Snapshot, failures: Vec<Failure>, now: u64) {
         self.facts.running = false;
-        self.note_facts_failures(failures);
+        self.note_facts_failures(failures, now);
         let mut f = collect::system(&self.cfg.state_dir, &self.cfg.files_dir);
         f.insert("outpost.version".into(), env!("CARGO_PKG_VERSION").into());
         self.links.count(now, 0, 0);
@@ -148,14 +148,17 @@ impl Agent {
         }
     }
 
-    /// Logs `facts_dir` entries that started or stopped failing (not every
-    /// interval). The hook for the central error log: a failing entry is reported
-    /// here, once per change, and as the `facts.failed` fact.
-    fn note_facts_failures(&mut self, failures: Vec<Failure>) {
+    /// Logs `facts_dir` entries that started or stopped failing (once per change,
+    /// not every interval) and reports every failure to the error log, where
+    /// repeats add up; the `facts.failed` fact names them too.
+    fn note_facts_failures(&mut self, failures: Vec<Failure>, now: u64) {
         for f in &failures {
             if !self.facts.failing.contains(f) {
                 warn!("facts_dir entry {} failed: {}", f.entry, f.reason);
             }
+            // To central's error log, added up there (one report per interval).
+            let text = format!("facts_dir entry {} failed: {}", f.entry, f.reason);
+            self.node.report_error("facts", &text, now);
         }
         for old in &self.facts.failing {
             if !failures.iter().any(|f| f.entry == old.entry) {

@@ -52,7 +52,8 @@ client_args! {
     /// trust a peer: outpost keys trust NAME PUBLIC-KEY --allow exec,ping
     #[argh(subcommand, name = "trust")]
     pub struct KeysTrust {
-        /// methods the peer may use here: exec, ping, http-get, files (empty: none)
+        /// methods the peer may use here: exec, ping, http-get, files, facts (empty:
+        /// none; any method also makes this node send the peer its facts and errors)
         #[argh(option, default = "String::new()")]
         pub allow: String,
         /// limit exec to these program paths, comma-separated; such an exec runs with a

@@ -117,6 +117,17 @@ fn facts_reach_central_and_nodes_show_shows_them() {
         "{}",
         ship.log()
     );
+    // And in central's error log.
+    wait_until("the failing entry in central's error log", LONG, || {
+        let out = central.cli(&["errors", "--node", "ship1", "--json"]);
+        String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+            let e: Value = serde_json::from_str(l).unwrap();
+            e["kind"] == "facts"
+                && e["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("broken.sh failed: exit status 3"))
+        })
+    });
     assert_eq!(facts["arch"], std::env::consts::ARCH);
     assert_eq!(facts["outpost.version"], env!("CARGO_PKG_VERSION"));
     for key in [
