@@ -25,12 +25,11 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use outpost::control::Request;
 use support::broker::Broker;
-use support::outpost::{outpost, Agent};
+use support::outpost::{count_log, keygen, trust, Agent};
 use support::proxy::Proxy;
 use support::{wait_until, TempDir};
 
@@ -49,44 +48,6 @@ fn main() {
     if want("presence") {
         presence();
     }
-}
-
-fn keygen(base: &Path, name: &str) -> String {
-    let dir = base.join(name);
-    let out = outpost(&[
-        "keys",
-        "gen",
-        "--state-dir",
-        dir.to_str().unwrap(),
-        "--name",
-        name,
-    ]);
-    let line = String::from_utf8(out.stdout).unwrap();
-    line.split_whitespace().nth(1).unwrap().to_string()
-}
-
-fn trust(base: &Path, on: &str, peer: &str, key: &str, allow: &str) {
-    let dir = base.join(on);
-    let mut args = vec![
-        "keys",
-        "trust",
-        "--state-dir",
-        dir.to_str().unwrap(),
-        peer,
-        key,
-    ];
-    if !allow.is_empty() {
-        args.extend(["--allow", allow]);
-    }
-    outpost(&args);
-}
-
-fn count_log(agent: &Agent, needle: &str) -> usize {
-    agent
-        .full_log()
-        .lines()
-        .filter(|l| l.contains(needle))
-        .count()
 }
 
 fn outbox_empty(agent: &Agent) -> bool {

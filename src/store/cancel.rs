@@ -10,7 +10,7 @@
 use rusqlite::{params, OptionalExtension};
 
 use super::{
-    commit, consume_in, control_lane, enqueue_in, fits, lane_of, local_result, watermark, Inbound,
+    commit, consume_in, control_lane, enqueue_in, fits, lane_of, watermark, withdraw, Inbound,
     Outgoing, Queued, Store, StoreError,
 };
 use crate::frame::{self, Body, CmdResult, Lane, Name, Status};
@@ -112,19 +112,11 @@ impl Store {
                     )
                     .optional()?;
                 let outcome = match in_outbox.map(|b| frame::decode(&b)) {
-                    Some(Ok(mut env)) if matches!(env.body, Body::Command(_)) => {
-                        env.body = Body::Withdrawn {
-                            reason: reason.into(),
-                        };
-                        tx.execute(
-                            "UPDATE outbox SET frame = ?4, expires_ms = NULL, expires_mono = NULL
-                             WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
-                            params![node.as_str(), lane.as_str(), seq, frame::encode(&env)?],
-                        )?;
+                    Some(Ok(env)) if matches!(env.body, Body::Command(_)) => {
                         let text =
                             format!("cancelled in {me}'s outbox before {node} took it: {reason}");
                         let r = CmdResult::without_run(seq as u64, Status::Cancelled, text, now_ms);
-                        local_result(&tx, &me, node, &lane, r, now_ms)?;
+                        withdraw(&tx, &me, env, reason, r, now_ms)?;
                         Cancelled::Withdrawn
                     }
                     _ => {

@@ -918,7 +918,7 @@ impl Store {
         for (peer, lane, seq, bytes) in rows {
             let (peer, lane) = (name(&peer)?, lane_of(&lane)?);
             let key = params![peer.as_str(), lane.as_str(), seq];
-            let Ok(mut env) = frame::decode(&bytes) else {
+            let Ok(env) = frame::decode(&bytes) else {
                 // Reported as corrupt when it is next read for sending.
                 tx.execute(
                     "UPDATE outbox SET expires_ms = NULL WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
@@ -928,16 +928,8 @@ impl Store {
             };
             let reason =
                 format!("the ttl passed before {peer} took the command; withdrawn by the sender");
-            env.body = Body::Withdrawn {
-                reason: reason.clone(),
-            };
-            tx.execute(
-                "UPDATE outbox SET frame = ?4, expires_ms = NULL, expires_mono = NULL
-                 WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
-                params![peer.as_str(), lane.as_str(), seq, frame::encode(&env)?],
-            )?;
-            let result = CmdResult::without_run(seq as u64, Status::Expired, reason, now_ms);
-            local_result(&tx, &me, &peer, &lane, result, now_ms)?;
+            let result = CmdResult::without_run(seq as u64, Status::Expired, &reason, now_ms);
+            withdraw(&tx, &me, env, &reason, result, now_ms)?;
             n += 1;
         }
         commit(tx, self.batch)?;
@@ -1638,6 +1630,34 @@ fn local_result(
         params![peer.as_str(), lane.as_str(), seq as i64, status.as_str()],
     )?;
     Ok(())
+}
+
+/// Replaces the outbox frame `env` (a command) by a [`Body::Withdrawn`] with the
+/// same number, so the stream keeps its numbering, and answers its job target with
+/// `result`, marked local (a result from the receiver still replaces it).
+fn withdraw(
+    tx: &Connection,
+    me: &Name,
+    mut env: Envelope,
+    reason: &str,
+    result: CmdResult,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let (peer, lane, seq) = (env.to.clone(), env.lane.clone(), env.seq);
+    env.body = Body::Withdrawn {
+        reason: reason.into(),
+    };
+    tx.execute(
+        "UPDATE outbox SET frame = ?4, expires_ms = NULL, expires_mono = NULL
+         WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
+        params![
+            peer.as_str(),
+            lane.as_str(),
+            seq as i64,
+            frame::encode(&env)?
+        ],
+    )?;
+    local_result(tx, me, &peer, &lane, result, now_ms)
 }
 
 /// When a frame arrived, on both clocks.

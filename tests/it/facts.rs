@@ -13,43 +13,11 @@ use serde_json::Value;
 use outpost::control::Request;
 
 use crate::support::broker::Broker;
-use crate::support::outpost::{outpost, Agent};
+use crate::support::outpost::{count_log, keygen, trust, Agent};
 use crate::support::proxy::Proxy;
 use crate::support::{wait_until, TempDir};
 
 const LONG: Duration = Duration::from_secs(120);
-
-/// A key pair for `name` under `base`; its public key.
-fn keygen(base: &Path, name: &str) -> String {
-    let dir = base.join(name);
-    let out = outpost(&[
-        "keys",
-        "gen",
-        "--state-dir",
-        dir.to_str().unwrap(),
-        "--name",
-        name,
-    ]);
-    let line = String::from_utf8(out.stdout).unwrap();
-    line.split_whitespace().nth(1).unwrap().to_string()
-}
-
-/// `on` trusts `peer` (with `key`), allowing it `allow` (empty: nothing).
-fn trust(base: &Path, on: &str, peer: &str, key: &str, allow: &str) {
-    let dir = base.join(on);
-    let mut args = vec![
-        "keys",
-        "trust",
-        "--state-dir",
-        dir.to_str().unwrap(),
-        peer,
-        key,
-    ];
-    if !allow.is_empty() {
-        args.extend(["--allow", allow]);
-    }
-    outpost(&args);
-}
 
 /// A facts_dir for `name` with a `KEY=VALUE` file and a script.
 fn facts_dir(base: &Path, name: &str, role: &str) -> String {
@@ -70,15 +38,6 @@ fn fact(central: &Agent, name: &str, key: &str) -> Option<String> {
     node(central, name)["facts"][key]
         .as_str()
         .map(str::to_string)
-}
-
-/// Lines of the agent's log (all starts) containing `needle`.
-fn count_log(agent: &Agent, needle: &str) -> usize {
-    agent
-        .full_log()
-        .lines()
-        .filter(|l| l.contains(needle))
-        .count()
 }
 
 #[test]

@@ -316,3 +316,44 @@ pub fn introduce(base: &Path, operator: &str, node: &str, allow: &str) {
         &node_key,
     ]);
 }
+
+/// A key pair for `name` under `base`; its public key.
+pub fn keygen(base: &Path, name: &str) -> String {
+    let dir = base.join(name);
+    let out = outpost(&[
+        "keys",
+        "gen",
+        "--state-dir",
+        dir.to_str().unwrap(),
+        "--name",
+        name,
+    ]);
+    let line = String::from_utf8(out.stdout).unwrap();
+    line.split_whitespace().nth(1).unwrap().to_string()
+}
+
+/// `on` trusts `peer` (with `key`), allowing it `allow` (empty: nothing).
+pub fn trust(base: &Path, on: &str, peer: &str, key: &str, allow: &str) {
+    let dir = base.join(on);
+    let mut args = vec![
+        "keys",
+        "trust",
+        "--state-dir",
+        dir.to_str().unwrap(),
+        peer,
+        key,
+    ];
+    if !allow.is_empty() {
+        args.extend(["--allow", allow]);
+    }
+    outpost(&args);
+}
+
+/// Lines of the agent's log (all starts) containing `needle`.
+pub fn count_log(agent: &Agent, needle: &str) -> usize {
+    agent
+        .full_log()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
