@@ -1,4 +1,5 @@
-//! `outpost jobs`: the newest jobs, or one job (`jobs show ID [--follow]`).
+//! `outpost jobs`: the newest jobs, one job (`jobs show ID [--follow]`), or
+//! cancelling one (`jobs cancel ID [--node N]`).
 
 use std::process::ExitCode;
 
@@ -8,7 +9,7 @@ use super::send::{follow, print_json_pretty, print_result};
 use super::{client_args, Common};
 
 client_args! {
-    /// list jobs, newest first, or show one
+    /// list jobs, newest first, or show or cancel one
     #[argh(subcommand, name = "jobs")]
     pub struct JobsArgs {
         /// how many jobs to list (default 50)
