@@ -36,8 +36,11 @@
 //! `keepalive` and gives up when the previous ping is still unanswered, so within
 //! two keepalive periods.
 
+mod meter;
 mod run;
 mod tls;
+
+pub use meter::LinkUsage;
 
 #[cfg(test)]
 mod tests;
@@ -261,6 +264,8 @@ struct Shared {
     extra: std::sync::Mutex<Vec<String>>,
     /// An oversized message cut the link: extra subscriptions are off.
     poisoned: AtomicBool,
+    /// Bytes on the wire (see `meter.rs`).
+    meter: std::sync::Mutex<meter::Meter>,
 }
 
 impl Link {
@@ -280,6 +285,7 @@ impl Link {
             epoch: AtomicU32::new(0),
             extra: std::sync::Mutex::new(Vec::new()),
             poisoned: AtomicBool::new(false),
+            meter: Default::default(),
         });
         let (event_tx, event_rx) = smol::channel::bounded(EVENT_CAPACITY);
         // Unbounded but small: we hold at most the broker's in-flight window of
@@ -343,7 +349,15 @@ impl Link {
         self.inner
             .client
             .try_publish(topic, QoS::AtLeastOnce, retain, payload)
-            .map_err(|_| LinkError::Busy)
+            .map_err(|_| LinkError::Busy)?;
+        run::lock(&self.inner.shared.meter).packet(meter::Packet::Other, true, size as u64);
+        Ok(())
+    }
+
+    /// What the link has cost since it started: bytes on the wire, connects,
+    /// keepalive, presence (see [`LinkUsage`]).
+    pub fn usage(&self) -> LinkUsage {
+        run::lock(&self.inner.shared.meter).usage()
     }
 
     /// Sends the PUBACK for a committed message; stale tokens are dropped silently.
@@ -415,15 +429,39 @@ impl Link {
 }
 
 /// Size of a QoS 1 PUBLISH packet as rumqttc encodes it (fixed header included).
-fn publish_size(topic: &str, n_payload: usize) -> usize {
+pub fn publish_size(topic: &str, n_payload: usize) -> usize {
     let remaining = 2 + topic.len() + 2 + n_payload;
-    let n_len = match remaining {
+    1 + length_bytes(remaining) + remaining
+}
+
+/// Bytes of an MQTT remaining-length field.
+fn length_bytes(remaining: usize) -> usize {
+    match remaining {
         0..=127 => 1,
         128..=16_383 => 2,
         16_384..=2_097_151 => 3,
         _ => 4,
-    };
-    1 + n_len + remaining
+    }
+}
+
+/// Size of our CONNECT packet (MQTT 3.1.1).
+fn connect_size(cfg: &LinkConfig) -> usize {
+    // Protocol name, level, flags, keepalive; client id.
+    let mut remaining = 10 + 2 + cfg.client_id.len();
+    if let Some(will) = &cfg.will {
+        remaining += 2 + will.topic.len() + 2 + will.payload.len();
+    }
+    if cfg.username.is_some() || cfg.password.is_some() {
+        remaining += 2 + cfg.username.as_ref().map_or(0, String::len);
+        remaining += 2 + cfg.password.as_ref().map_or(0, String::len);
+    }
+    1 + length_bytes(remaining) + remaining
+}
+
+/// Size of a SUBSCRIBE packet for `filters` (QoS 1 each).
+fn subscribe_size<'a>(filters: impl Iterator<Item = &'a str>) -> usize {
+    let remaining = 2 + filters.map(|f| 2 + f.len() + 1).sum::<usize>();
+    1 + length_bytes(remaining) + remaining
 }
 
 fn check_topic(topic: &str) -> Result<(), LinkError> {

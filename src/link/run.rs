@@ -11,8 +11,9 @@ use rumqttc::{
 };
 use tokio::time::{sleep_until, timeout, Instant};
 
+use super::meter::Packet as Metered;
 use super::tls::{self, lower_first};
-use super::{AckToken, LinkConfig, LinkEvent, Shared};
+use super::{connect_size, publish_size, subscribe_size, AckToken, LinkConfig, LinkEvent, Shared};
 use crate::{error, info, warn};
 
 /// First reconnect delay; doubles up to `backoff_cap`.
@@ -90,6 +91,7 @@ impl Thread {
                 Ok(event) => event,
                 Err(e) => {
                     let was_up = up_since.take();
+                    lock(&self.shared.meter).disconnected();
                     self.set_down();
                     if let Some(size) = oversized(&e) {
                         // The message sits in our broker session (or is retained on
@@ -187,6 +189,11 @@ impl Thread {
                     self.shared.epoch.fetch_add(1, Ordering::AcqRel);
                     self.shared.connected.store(true, Ordering::Release);
                     up_since = Some(Instant::now());
+                    lock(&self.shared.meter).connected(
+                        self.cfg.broker.port,
+                        connect_size(&self.cfg) as u64,
+                        4,
+                    );
                     n_untagged_own = self.queue_on_connect();
                     own_pkids.clear();
                     // The clean session was for this connect only.
@@ -203,24 +210,45 @@ impl Thread {
                         session_present: connack.session_present,
                     })
                 }
-                Event::Incoming(Packet::Publish(publish)) => Some(LinkEvent::Message {
-                    topic: publish.topic,
-                    payload: publish.payload.into(),
-                    ack: AckToken {
-                        epoch: self.shared.epoch.load(Ordering::Acquire),
-                        pkid: publish.pkid,
-                    },
-                }),
+                Event::Incoming(Packet::Publish(publish)) => {
+                    let n = publish_size(&publish.topic, publish.payload.len());
+                    self.count(Metered::Other, false, n);
+                    Some(LinkEvent::Message {
+                        topic: publish.topic,
+                        payload: publish.payload.into(),
+                        ack: AckToken {
+                            epoch: self.shared.epoch.load(Ordering::Acquire),
+                            pkid: publish.pkid,
+                        },
+                    })
+                }
                 Event::Incoming(Packet::PubAck(puback)) => {
                     match own_pkids.iter().position(|&p| p == puback.pkid) {
                         Some(i) => {
                             own_pkids.swap_remove(i);
+                            self.count(Metered::Presence, false, 4);
                             None
                         }
-                        None => Some(LinkEvent::Published),
+                        None => {
+                            self.count(Metered::Other, false, 4);
+                            Some(LinkEvent::Published)
+                        }
                     }
                 }
+                Event::Incoming(Packet::PingResp) => {
+                    self.count(Metered::Ping, false, 2);
+                    None
+                }
+                Event::Outgoing(Outgoing::PingReq) => {
+                    self.count(Metered::Ping, true, 2);
+                    None
+                }
+                Event::Outgoing(Outgoing::PubAck(_)) => {
+                    self.count(Metered::Other, true, 4);
+                    None
+                }
                 Event::Incoming(Packet::SubAck(suback)) => {
+                    self.count(Metered::Subscribe, false, 4 + suback.return_codes.len());
                     if suback.return_codes.contains(&SubscribeReasonCode::Failure) {
                         warn!(
                             "broker refused a subscription among {:?}",
@@ -238,6 +266,7 @@ impl Thread {
                 }
                 _ => None,
             };
+            lock(&self.shared.meter).sample();
             if let Some(out) = out {
                 // Waits when the caller is slow; see the module doc.
                 if self.events.send(out).await.is_err() {
@@ -248,6 +277,7 @@ impl Thread {
         if self.shared.connected.load(Ordering::Acquire) {
             self.disconnect().await;
         }
+        lock(&self.shared.meter).disconnected();
         info!("link stopped");
     }
 
@@ -277,6 +307,8 @@ impl Thread {
             filters.extend(lock(&self.shared.extra).iter().cloned());
         }
         if !filters.is_empty() {
+            let n = subscribe_size(filters.iter().map(String::as_str));
+            lock(&self.shared.meter).packet(Metered::Subscribe, true, n as u64);
             let filters = filters
                 .into_iter()
                 .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce));
@@ -290,6 +322,8 @@ impl Thread {
             );
             publish.retain = true;
             pending.push_back(Request::Publish(publish));
+            let n = publish_size(&retained.topic, retained.payload.len());
+            lock(&self.shared.meter).packet(Metered::Presence, true, n as u64);
         }
         own + self.cfg.on_connect.len()
     }
@@ -312,6 +346,11 @@ impl Thread {
         if sent.is_err() {
             warn!("link stopped without a clean disconnect");
         }
+    }
+
+    /// Counts one MQTT packet (the wire is read after every event).
+    fn count(&self, kind: Metered, up: bool, n: usize) {
+        lock(&self.shared.meter).packet(kind, up, n as u64);
     }
 
     fn set_down(&self) {
