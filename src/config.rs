@@ -57,6 +57,12 @@ pub struct FileConfig {
     pub retention: Option<String>,
     /// Of finished jobs, results, journal rows, events: at most this many kept.
     pub retention_jobs: Option<u64>,
+    /// Budgets of this node's link: `["5MiB/day", "100MiB/month"]`.
+    pub budget: Option<Vec<String>>,
+    /// Budgets of traffic with peers (by name or glob): `{ "ship*" = ["1MiB/day"] }`.
+    pub peer_budgets: Option<std::collections::BTreeMap<String, Vec<String>>>,
+    /// When classes of traffic may use the link: `["bulk 02:00-04:00 UTC"]`.
+    pub link_windows: Option<Vec<String>>,
 }
 
 impl FileConfig {
@@ -120,7 +126,10 @@ impl FileConfig {
             facts_refresh,
             facts_interval,
             retention,
-            retention_jobs
+            retention_jobs,
+            budget,
+            peer_budgets,
+            link_windows
         );
         self
     }
@@ -189,6 +198,12 @@ pub struct Config {
     #[serde(serialize_with = "secs")]
     pub retention: Duration,
     pub retention_jobs: u64,
+    pub budget: Vec<String>,
+    pub peer_budgets: std::collections::BTreeMap<String, Vec<String>>,
+    pub link_windows: Vec<String>,
+    /// The three above, parsed.
+    #[serde(skip)]
+    pub plan: crate::budget::Plan,
 }
 
 fn display<S: serde::Serializer>(v: &BrokerUrl, s: S) -> Result<S::Ok, S::Error> {
@@ -269,8 +284,16 @@ impl Config {
             return Err("retention: at least 1s".into());
         }
         let retention_jobs = raw.retention_jobs.unwrap_or(100_000);
+        let budget = raw.budget.unwrap_or_default();
+        let peer_budgets = raw.peer_budgets.unwrap_or_default();
+        let link_windows = raw.link_windows.unwrap_or_default();
+        let plan = plan(&budget, &peer_budgets, &link_windows)?;
         let state_dir: PathBuf = raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
         Ok(Config {
+            budget,
+            peer_budgets,
+            link_windows,
+            plan,
             facts_dir: raw.facts_dir,
             facts_refresh,
             facts_interval,
@@ -304,6 +327,32 @@ impl Config {
     pub fn presence_topic(&self, node: &Name) -> String {
         format!("{}/{node}/presence", self.prefix)
     }
+}
+
+/// Budgets and link windows, checked (named zones are read from `TZDIR`,
+/// default `/usr/share/zoneinfo`).
+fn plan(
+    budget: &[String],
+    peers: &std::collections::BTreeMap<String, Vec<String>>,
+    windows: &[String],
+) -> Result<crate::budget::Plan, String> {
+    use crate::budget::{Budget, Plan, Window};
+    let budgets = |v: &[String]| -> Result<Vec<Budget>, String> {
+        v.iter().map(|b| b.parse()).collect()
+    };
+    let zoneinfo = std::env::var_os("TZDIR").map_or_else(|| PathBuf::from("/usr/share/zoneinfo"), PathBuf::from);
+    Ok(Plan {
+        budgets: budgets(budget).map_err(|e| format!("budget: {e}"))?,
+        peers: peers
+            .iter()
+            .map(|(p, b)| Ok((p.clone(), budgets(b).map_err(|e| format!("peer_budgets.{p}: {e}"))?)))
+            .collect::<Result<_, String>>()?,
+        windows: windows
+            .iter()
+            .map(|w| Window::parse(w, &zoneinfo))
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("link_windows: {e}"))?,
+    })
 }
 
 /// The broker password: `OUTPOST_PASSWORD`, else the first line of

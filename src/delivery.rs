@@ -91,6 +91,17 @@ pub enum Event {
         peer: Name,
         lane: Lane,
     },
+    /// A budget or link window stopped this stream after frame `upto` (of what
+    /// `poll` handed out): nothing more of it goes before `until_ms`, when the
+    /// gate is asked again.
+    Gated {
+        peer: Name,
+        lane: Lane,
+        upto: u64,
+        until_ms: u64,
+    },
+    /// The gate changed (released by the operator, a new plan): ask it again now.
+    Ungated,
     /// The peer acknowledged frames up to `upto`.
     Acked {
         peer: Name,
@@ -150,6 +161,8 @@ struct Out {
     deadline_ms: Option<u64>,
     /// Held (see [`Event::Hold`]): unsent frames wait until this time.
     hold_until_ms: Option<u64>,
+    /// Stopped by the gate ([`Event::Gated`]) until this time.
+    gated_until_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -230,6 +243,7 @@ impl Delivery {
                     rto_ms,
                     deadline_ms: None,
                     hold_until_ms: None,
+                    gated_until_ms: None,
                 });
                 s.last = s.last.max(last_seq);
             }
@@ -241,6 +255,25 @@ impl Delivery {
             Event::Release { peer, lane } => {
                 if let Some(s) = self.out.get_mut(&(peer, lane)) {
                     s.hold_until_ms = None;
+                }
+            }
+            Event::Gated {
+                peer,
+                lane,
+                upto,
+                until_ms,
+            } => {
+                if let Some(s) = self.out.get_mut(&(peer, lane)) {
+                    s.sent = upto.clamp(s.acked, s.sent);
+                    s.gated_until_ms = Some(until_ms);
+                    if s.sent == s.acked {
+                        s.deadline_ms = None;
+                    }
+                }
+            }
+            Event::Ungated => {
+                for s in self.out.values_mut() {
+                    s.gated_until_ms = None;
                 }
             }
             Event::Synced { peer, synced } => {
@@ -317,6 +350,11 @@ impl Delivery {
         for ((peer, lane), s) in &mut self.out {
             if !self.synced.contains(peer) {
                 continue;
+            }
+            match s.gated_until_ms {
+                Some(t) if now_ms < t => continue,
+                Some(_) => s.gated_until_ms = None,
+                None => {}
             }
             let offline = self.presence.get(peer) == Some(&Presence::Offline);
             if offline && s.deadline_ms.is_none_or(|d| now_ms < d) {
@@ -423,6 +461,10 @@ impl Delivery {
             if !self.synced.contains(peer) {
                 return None;
             }
+            if let Some(t) = s.gated_until_ms {
+                // Nothing of it goes, resends included, until the gate is asked again.
+                return Some(t);
+            }
             let offline = self.presence.get(peer) == Some(&Presence::Offline);
             match s.deadline_ms {
                 // The next poll arms the slow probe timer.
@@ -437,6 +479,7 @@ impl Delivery {
             .iter()
             .filter(|((peer, _), s)| {
                 s.sent < s.last
+                    && s.gated_until_ms.is_none()
                     && self.synced.contains(peer)
                     && self.presence.get(peer) != Some(&Presence::Offline)
             })
@@ -478,6 +521,7 @@ impl Delivery {
                 rto_ms,
                 deadline_ms: None,
                 hold_until_ms: None,
+                gated_until_ms: None,
             });
             s.last = s.last.max(last);
             if acked > s.acked {
@@ -548,6 +592,54 @@ mod tests {
             from,
             to,
         }
+    }
+
+    #[test]
+    fn a_gated_stream_waits_for_its_time_and_sleeps_meanwhile() {
+        let mut d = connected();
+        d.handle(
+            Event::Enqueued {
+                peer: n("a"),
+                lane: l("bulk"),
+                first_seq: 1,
+                last_seq: 3,
+            },
+            0,
+        );
+        assert_eq!(d.poll(0), vec![send("a", "bulk", 1, 3)]);
+        // The gate let frame 1 go, not 2 and 3.
+        d.handle(
+            Event::Gated {
+                peer: n("a"),
+                lane: l("bulk"),
+                upto: 1,
+                until_ms: 60_000,
+            },
+            0,
+        );
+        d.handle(
+            Event::Acked {
+                peer: n("a"),
+                lane: l("bulk"),
+                upto: 1,
+            },
+            5,
+        );
+        assert_eq!(d.poll(10), vec![]);
+        assert_eq!(d.next_wakeup(), Some(60_000), "no resend timer while gated");
+        assert_eq!(d.poll(60_000), vec![send("a", "bulk", 2, 3)]);
+        // Released by the operator: at once.
+        d.handle(
+            Event::Gated {
+                peer: n("a"),
+                lane: l("bulk"),
+                upto: 1,
+                until_ms: 120_000,
+            },
+            60_000,
+        );
+        d.handle(Event::Ungated, 60_001);
+        assert_eq!(d.poll(60_001), vec![send("a", "bulk", 2, 3)]);
     }
 
     #[test]

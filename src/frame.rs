@@ -815,12 +815,55 @@ fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
     None
 }
 
+/// The `Body` variant of an encoded frame, read without decoding it (to class
+/// and count traffic; see `budget::classify`). `None` if it does not parse.
+pub fn body_index(frame: &[u8]) -> Option<u32> {
+    let mut at = 1; // FORMAT_VERSION
+    let mut next = |skip_len: bool| -> Option<u64> {
+        let (v, used) = read_varint(frame.get(at..)?)?;
+        at += used;
+        if skip_len {
+            at += v as usize;
+        }
+        Some(v)
+    };
+    // from, to, lane; seq, created_ms.
+    for _ in 0..3 {
+        next(true)?;
+    }
+    next(false)?;
+    next(false)?;
+    // ttl_s: Option<u32>.
+    if next(false)? == 1 {
+        next(false)?;
+    }
+    next(false).and_then(|v| u32::try_from(v).ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn name(s: &str) -> Name {
         Name::new(s).unwrap()
+    }
+
+    #[test]
+    fn body_index_is_read_without_decoding() {
+        let mut env = Envelope {
+            from: name("central"),
+            to: name("ship1"),
+            lane: default_lane(),
+            seq: 300,
+            created_ms: 1_763_800_000_000,
+            ttl_s: Some(70_000),
+            body: Body::Ack { upto: 5 },
+        };
+        assert_eq!(body_index(&encode(&env).unwrap()), Some(2));
+        env.ttl_s = None;
+        env.body = Body::Hello { nonce: 1 };
+        assert_eq!(body_index(&encode(&env).unwrap()), Some(10));
+        assert_eq!(body_index(&[1, 7, b'c']), None);
     }
 
     fn uptime() -> Envelope {

@@ -27,6 +27,7 @@
 pub mod log;
 
 pub mod agent;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -1,8 +1,8 @@
 //! Facts on the agent's side: when to read them (every `facts_interval`, and at
 //! once after a connect, a peer's Sync or a trust change), reading them (the
 //! system's here, `facts_dir`'s in a task that reports back as [`Msg::Facts`]),
-//! and handing them to the node, which sends what changed. Also the cheap link
-//! counters they include.
+//! and handing them to the node, which sends what changed. Also the link's
+//! figures they include (bytes on the wire today and this month, reconnects).
 
 use std::collections::BTreeSet;
 
@@ -12,30 +12,13 @@ use crate::facts::Snapshot;
 use crate::frame::Name;
 use crate::{debug, info, warn};
 
-/// Counters of this agent's link, for its facts: payload bytes of the current
-/// UTC day, and reconnects since the agent started.
+/// Reconnects since the agent started, for its facts.
 #[derive(Debug, Default)]
 pub(super) struct LinkCounters {
-    /// Days since the epoch the byte counts are for.
-    day: u64,
-    bytes_in: u64,
-    bytes_out: u64,
     connects: u64,
 }
 
 impl LinkCounters {
-    /// Counts payload bytes received and sent now.
-    pub(super) fn count(&mut self, now_ms: u64, bytes_in: usize, bytes_out: usize) {
-        let day = now_ms / 86_400_000;
-        if day != self.day {
-            self.day = day;
-            self.bytes_in = 0;
-            self.bytes_out = 0;
-        }
-        self.bytes_in += bytes_in as u64;
-        self.bytes_out += bytes_out as u64;
-    }
-
     pub(super) fn connected(&mut self) {
         self.connects += 1;
     }
@@ -101,10 +84,13 @@ impl Agent {
         self.note_facts_failures(failures, now);
         let mut f = collect::system(&self.cfg.state_dir, &self.cfg.files_dir);
         f.insert("outpost.version".into(), env!("CARGO_PKG_VERSION").into());
-        self.links.count(now, 0, 0);
+        // Bytes on the wire (TCP/IP headers included) today and this month, UTC.
+        let ((day_up, day_down), (month_up, month_down)) = self.usage_totals(now);
+        f.insert("link.in.today".into(), day_down.to_string());
+        f.insert("link.out.today".into(), day_up.to_string());
+        f.insert("link.in.month".into(), month_down.to_string());
+        f.insert("link.out.month".into(), month_up.to_string());
         let l = &self.links;
-        f.insert("link.in.today".into(), l.bytes_in.to_string());
-        f.insert("link.out.today".into(), l.bytes_out.to_string());
         f.insert(
             "link.reconnects".into(),
             l.connects.saturating_sub(1).to_string(),

@@ -39,6 +39,7 @@ mod output;
 mod requests;
 mod retention;
 mod session;
+mod usage;
 
 pub use commands::DEFAULT_TIMEOUT_MS;
 pub use os::now_ms;
@@ -213,7 +214,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
         tag,
         facts: facts::FactsState::default(),
         links: facts::LinkCounters::default(),
+        ledger: usage::Ledger::default(),
     };
+    agent.start_gate(now_ms());
     agent.refresh_trust();
     // Results that arrived before a restart and were not yet written to files.
     agent.write_outputs(true, &[]);
@@ -275,6 +278,8 @@ struct Agent {
     links: facts::LinkCounters,
     /// Retention: when the next prune is due, what went.
     pruning: retention::Pruning,
+    /// Where the link's bytes went, not yet stored (`usage.rs`).
+    ledger: usage::Ledger,
 }
 
 impl Agent {
@@ -291,6 +296,10 @@ impl Agent {
         }
         let d = Duration::from_millis(self.pruning.due().saturating_sub(now));
         wake = Some(wake.map_or(d, |w| w.min(d)));
+        if let Some(t) = self.usage_wake() {
+            let d = Duration::from_millis(t.saturating_sub(now));
+            wake = Some(wake.map_or(d, |w| w.min(d)));
+        }
         if let Some(t) = self.node.next_error_report() {
             let d = Duration::from_millis(t.saturating_sub(now));
             wake = Some(wake.map_or(d, |w| w.min(d)));
@@ -359,7 +368,6 @@ impl Agent {
                 payload,
                 ack,
             }) => {
-                self.links.count(now, payload.len(), 0);
                 self.on_message(&topic, &payload, now);
                 // PUBACK only now: whatever we keep of it is committed.
                 self.link.ack(ack);
@@ -489,6 +497,7 @@ impl Agent {
         let presence = self.cfg.presence_topic(&self.cfg.name);
         let _ = self.link.publish_retained(&presence, b"offline".to_vec());
         self.link.stop();
+        self.meter(now_ms(), true);
         info!(
             "stopped; {} command(s) still running will be reported interrupted at the next start",
             self.running.len()
@@ -500,6 +509,8 @@ impl Agent {
             self.refresh_trust();
             match self.node.on_payload(payload, now) {
                 Ok(report) => {
+                    let sender = report.sender.clone();
+                    self.count_in(sender.as_ref(), topic, payload.len(), &report.by, now);
                     if report.synced.is_some() {
                         // A peer's new (or first) store may lack our facts.
                         self.facts_soon();
@@ -508,12 +519,14 @@ impl Agent {
                     self.note_store(None, now);
                 }
                 Err(e) => {
+                    self.count_in(None, topic, payload.len(), &[], now);
                     error!("cannot store received payload: {e} (nothing of it kept: the sender resends)");
                     self.note_store(Some(e.to_string()), now);
                 }
             }
             return;
         }
+        self.count_in(None, topic, payload.len(), &[], now);
         let Some(peer) = topic
             .strip_prefix(&format!("{}/", self.cfg.prefix))
             .and_then(|t| t.strip_suffix("/presence"))
@@ -604,7 +617,8 @@ impl Agent {
                         continue;
                     }
                     let n = p.bytes.len();
-                    if let Err(e) = self.link.publish(&self.cfg.inbox_topic(&p.to), p.bytes) {
+                    let topic = self.cfg.inbox_topic(&p.to);
+                    if let Err(e) = self.link.publish(&topic, p.bytes) {
                         if matches!(e, LinkError::Busy) {
                             self.retry_at = Some(Instant::now() + Duration::from_millis(20));
                         } else if !matches!(e, LinkError::NotConnected) {
@@ -612,7 +626,7 @@ impl Agent {
                         }
                         refused.push(p.to.clone());
                     } else {
-                        self.links.count(now, 0, n);
+                        self.count_out(&p.to, &topic, n, &p.by, now);
                     }
                 }
                 for peer in refused {
@@ -621,6 +635,7 @@ impl Agent {
             }
             Err(e) => error!("cannot read the outbox: {e}"),
         }
+        self.meter(now, false);
         if self.changed_jobs.all || !self.changed_jobs.ids.is_empty() {
             let ids: Vec<i64> = self.changed_jobs.ids.iter().copied().collect();
             self.write_outputs(self.changed_jobs.all, &ids);

@@ -98,6 +98,8 @@ impl Agent {
             Request::Errors { node, after, limit } => self
                 .errors(node.as_deref(), after.unwrap_or(0), limit)
                 .map(Reply::Errors),
+            Request::Usage => Ok(Reply::Usage(self.usage_view(now))),
+            Request::Release { for_s } => Ok(Reply::Release(self.release(for_s, now))),
         };
         Some(r.unwrap_or_else(Reply::Error))
     }
@@ -587,6 +589,7 @@ impl Agent {
                     .map(|(k, r)| (k.to_string(), r.last.clone()))
                     .collect::<BTreeMap<_, _>>(),
             },
+            traffic: self.traffic(now),
         }
     }
 }

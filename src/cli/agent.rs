@@ -90,6 +90,14 @@ pub struct AgentArgs {
     /// (default 100000)
     #[argh(option)]
     pub retention_jobs: Option<u64>,
+    /// a budget of this node's link, e.g. 5MiB/day or 100MiB/month (repeat for
+    /// several)
+    #[argh(option)]
+    pub budget: Vec<String>,
+    /// when a class of traffic may use the link, e.g. "bulk 02:00-04:00 UTC"
+    /// (repeat for several)
+    #[argh(option)]
+    pub link_window: Vec<String>,
 }
 
 impl AgentArgs {
@@ -120,6 +128,9 @@ impl AgentArgs {
             facts_interval: self.facts_interval.clone(),
             retention: self.retention.clone(),
             retention_jobs: self.retention_jobs,
+            budget: (!self.budget.is_empty()).then(|| self.budget.clone()),
+            peer_budgets: None,
+            link_windows: (!self.link_window.is_empty()).then(|| self.link_window.clone()),
         }
     }
 }

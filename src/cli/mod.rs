@@ -21,6 +21,7 @@ mod errors;
 mod files;
 mod jobs;
 mod keys;
+mod link;
 mod nodes;
 mod queue;
 mod send;
@@ -98,6 +99,7 @@ pub enum Cmd {
     Status(status::StatusArgs),
     Nodes(nodes::NodesArgs),
     Errors(errors::ErrorsArgs),
+    Link(link::LinkArgs),
     Config(ConfigArgs),
     Keys(keys::KeysArgs),
     Files(files::FilesArgs),
@@ -194,6 +196,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
         Cmd::Status(args) => status::run(args),
         Cmd::Nodes(args) => nodes::run(args),
         Cmd::Errors(args) => errors::run(args),
+        Cmd::Link(args) => link::run(args),
         Cmd::Config(c) => match c.cmd {
             ConfigCmd::Check(check) => config_check(check),
         },

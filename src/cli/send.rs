@@ -34,8 +34,12 @@ client_args! {
         #[argh(switch)]
         pub online: bool,
         /// ordered (default, one after another) or parallel
-        #[argh(option, default = "String::from(\"ordered\")")]
-        pub lane: String,
+        #[argh(option)]
+        pub lane: Option<String>,
+        /// urgent (goes past budgets and link windows, on the `urgent` lane, ahead
+        /// of queued normal commands) or normal (default)
+        #[argh(option)]
+        pub priority: Option<String>,
         /// do not start after this long, e.g. 1h
         #[argh(option)]
         pub ttl: Option<String>,
@@ -130,10 +134,11 @@ pub(super) fn run(args: SendArgs) -> Result<ExitCode, String> {
         }
     };
     let output = output_spec(args.output_dir.as_deref(), args.append)?;
+    let lane = lane_of(args.lane.as_deref(), args.priority.as_deref())?;
     let mut client = common.client()?;
     let reply = client.submit(&Request::Send {
         to,
-        lane: Some(args.lane.clone()),
+        lane: Some(lane),
         ttl_s,
         key: args.key.clone(),
         output: output.clone().filter(|_| args.no_wait),
@@ -350,4 +355,22 @@ pub(super) fn print_json_pretty<T: Serialize>(v: &T) -> Result<(), String> {
         serde_json::to_string_pretty(v).map_err(|e| e.to_string())?
     );
     Ok(())
+}
+
+/// The lane `--lane` and `--priority` name: an urgent command travels on the
+/// `urgent` lane (or `urgent.NAME`), whose class budgets and windows let pass.
+fn lane_of(lane: Option<&str>, priority: Option<&str>) -> Result<String, String> {
+    let urgent = |l: &str| l == "urgent" || l.starts_with("urgent.");
+    match (priority, lane) {
+        (None | Some("normal"), None) => Ok("ordered".into()),
+        (None, Some(l)) => Ok(l.into()),
+        (Some("normal"), Some(l)) if !urgent(l) => Ok(l.into()),
+        (Some("urgent"), None) => Ok("urgent".into()),
+        (Some("urgent"), Some(l)) if urgent(l) => Ok(l.into()),
+        (Some("urgent"), Some(l)) => Err(format!(
+            "--priority urgent uses the urgent lane; --lane {l} is another (use --lane urgent.NAME for an urgent lane of its own)"
+        )),
+        (Some("normal"), Some(l)) => Err(format!("--lane {l} is urgent; --priority normal contradicts it")),
+        (Some(p), _) => Err(format!("--priority {p:?}: expected urgent or normal")),
+    }
 }

@@ -89,6 +89,15 @@ pub(super) fn run(args: StatusArgs) -> Result<ExitCode, String> {
         let on = if p.online { "online" } else { "offline" };
         println!("peer     {} {on}", p.name);
     }
+    let t = &s.traffic;
+    println!(
+        "traffic  today {} sent, {} received; this month {} / {} (outpost link usage)",
+        config::format_size(t.today_up),
+        config::format_size(t.today_down),
+        config::format_size(t.month_up),
+        config::format_size(t.month_down)
+    );
+    super::link::print_budgets(&t.budgets, &t.held, t.released_until_ms);
     let rejected: u64 = s.security.rejected.values().sum();
     if rejected > 0 {
         let kinds: Vec<String> = s

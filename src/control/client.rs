@@ -11,7 +11,8 @@ use serde_json::Value;
 
 use super::reply::{
     CancelReply, FilesGetReply, FilesListReply, FilesPutReply, FilesRmReply, JobReply, JobView,
-    JobsReply, NodeReply, NodeView, NodesReply, PurgeReply, QueueReply, SendReply, StatusReply,
+    JobsReply, NodeReply, NodeView, NodesReply, PurgeReply, QueueReply, ReleaseReply, SendReply,
+    StatusReply, UsageReply,
     TransferReply, TransferView, WaitReply,
 };
 use super::{socket_path, CommandSpec, Request};
@@ -109,6 +110,16 @@ impl Client {
             limit,
         };
         self.typed(&req, CALL)
+    }
+
+    /// Bytes the link spent by category, budgets, what they hold back.
+    pub fn usage(&mut self) -> Result<UsageReply, String> {
+        self.typed(&Request::Usage, CALL)
+    }
+
+    /// Lifts budgets and link windows for `for_s` (default: to the period's end).
+    pub fn release(&mut self, for_s: Option<u64>) -> Result<ReleaseReply, String> {
+        self.typed(&Request::Release { for_s }, CALL)
     }
 
     /// Cancels every unfinished job for `node` (on `lane`, if given).

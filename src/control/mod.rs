@@ -138,6 +138,15 @@ pub enum Request {
         #[serde(default)]
         limit: Option<u32>,
     },
+    /// Bytes the link spent per category (this hour, today, this month), the
+    /// budgets and what they hold back.
+    Usage,
+    /// Lift budgets and link windows for `for_s` seconds (default: until the
+    /// end of the current period of the tightest budget, or an hour).
+    Release {
+        #[serde(default)]
+        for_s: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

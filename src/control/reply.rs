@@ -31,6 +31,8 @@ pub enum Reply {
     Nodes(NodesReply),
     Node(NodeReply),
     Errors(ErrorsReply),
+    Usage(UsageReply),
+    Release(ReleaseReply),
     Error(String),
 }
 
@@ -74,6 +76,8 @@ impl Reply {
             Reply::Nodes(r) => ok(r),
             Reply::Node(r) => ok(r),
             Reply::Errors(r) => ok(r),
+            Reply::Usage(r) => ok(r),
+            Reply::Release(r) => ok(r),
             Reply::Error(e) => serde_json::to_vec(&Failed {
                 ok: false,
                 error: e,
@@ -86,6 +90,39 @@ impl Reply {
         line.push(b'\n');
         line
     }
+}
+
+/// `usage`: bytes on the wire by category, budgets, what they hold back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReply {
+    /// Read from the kernel (`TCP_INFO`), not estimated from packets.
+    pub measured: bool,
+    /// Connections made since the agent started.
+    pub connects: u64,
+    pub categories: Vec<UsageCategory>,
+    pub budgets: Vec<crate::budget::BudgetView>,
+    pub held: Vec<crate::budget::HeldView>,
+    /// Budgets and windows are lifted until then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub released_until_ms: Option<u64>,
+}
+
+/// Bytes on the wire of one category, up (sent) and down (received).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageCategory {
+    pub category: crate::budget::Category,
+    pub hour_up: u64,
+    pub hour_down: u64,
+    pub day_up: u64,
+    pub day_down: u64,
+    pub month_up: u64,
+    pub month_down: u64,
+}
+
+/// `release`: budgets and windows are lifted until `until_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseReply {
+    pub until_ms: u64,
 }
 
 /// `errors`: what nodes reported, newest last.
@@ -259,6 +296,20 @@ pub struct StatusReply {
     pub running: Vec<RunningStatus>,
     pub peers: Vec<PeerStatus>,
     pub security: SecurityStatus,
+    pub traffic: TrafficStatus,
+}
+
+/// Bytes on the wire today and this month (UTC), budgets, what they hold back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficStatus {
+    pub today_up: u64,
+    pub today_down: u64,
+    pub month_up: u64,
+    pub month_down: u64,
+    pub budgets: Vec<crate::budget::BudgetView>,
+    pub held: Vec<crate::budget::HeldView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub released_until_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -895,10 +946,26 @@ mod tests {
                 rejected: BTreeMap::from([("replay".to_string(), 2)]),
                 last_rejected: BTreeMap::new(),
             },
+            traffic: TrafficStatus {
+                today_up: 1200,
+                today_down: 800,
+                month_up: 5000,
+                month_down: 3000,
+                budgets: vec![crate::budget::BudgetView {
+                    scope: "node".into(),
+                    budget: "5MiB/day".into(),
+                    limit: 5 << 20,
+                    spent: 2000,
+                    period_end_ms: 1_763_856_000_000,
+                }],
+                held: vec![],
+                released_until_ms: None,
+            },
         };
         let line = String::from_utf8(Reply::Status(Box::new(s)).to_line()).unwrap();
         assert!(line.starts_with("{\"ok\":true,\"node\":\"central\",\"version\":\"0.1.0\",\"broker\":\"mqtt://127.0.0.1:1883\",\"link\":{\"connected\":true,\"since_ms\":1,\"for_s\":2,\"last_error\":null,\"presence\":\"on\",\"poisoned\":null},\"store\":{\"used\":10,\"quota\":20,\"quarantined\":0,\"events\":0,\"epoch\":\"00000000000000ab\",\"lost\":null,\"failing\":null,\"retention\":{\"keep_s\":2592000,\"keep_rows\":100000,\"last_pass_ms\":1763800000000,\"last\":{\"jobs\":2,\"results\":2,\"journal\":0,\"events\":0,\"quarantine\":0,\"transfers\":0,\"errors\":0},\"since_start\":{\"jobs\":5,\"results\":5,\"journal\":1,\"events\":0,\"quarantine\":0,\"transfers\":0,\"errors\":0},\"pages_used\":40,\"pages_free\":8}},\"outbox\":[],\"inbox\":[],\"running\":[{\"peer\":\"central\",\"lane\":\"ordered\",\"seq\":4,\"method\":\"http-get\",\"for_s\":3}],\"peers\":[],\"security\":{"), "{line}");
-        assert!(line.contains("\"trusted\":[{\"name\":\"ship1\",\"allow\":[\"exec\",\"files\"]}],\"rejected\":{\"replay\":2},\"last_rejected\":{}}}"), "{line}");
+        assert!(line.contains("\"trusted\":[{\"name\":\"ship1\",\"allow\":[\"exec\",\"files\"]}],\"rejected\":{\"replay\":2},\"last_rejected\":{}},"), "{line}");
+        assert!(line.ends_with("\"traffic\":{\"today_up\":1200,\"today_down\":800,\"month_up\":5000,\"month_down\":3000,\"budgets\":[{\"scope\":\"node\",\"budget\":\"5MiB/day\",\"limit\":5242880,\"spent\":2000,\"period_end_ms\":1763856000000}],\"held\":[]}}\n"), "{line}");
     }
 
     const NODE: &str = r#"{"name":"ship1","state":"online","since_ms":1763800000000,"last_seen_ms":1763800300000,"facts_ms":1763800000500,"outbox":[{"lane":"ordered","frames":2,"oldest_unacked_s":30}],"running":1,"last_error":null,"facts":{"arch":"mips","os":"openwrt","os.version":"23.05.3"}}"#;

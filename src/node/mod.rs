@@ -37,6 +37,7 @@ mod cancel;
 mod errors;
 mod facts;
 mod files;
+mod gate;
 mod output;
 
 pub use cancel::Cancel;
@@ -44,6 +45,7 @@ pub use errors::errors_lane;
 pub use facts::FactsQueued;
 pub use files::CHUNKS_AHEAD;
 
+use crate::budget::{self, Category, Gate};
 use crate::delivery::{Action, Delivery, DeliveryConfig, Event};
 use crate::frame::{self, Body, CmdResult, Envelope, Lane, Method, Name, Status};
 use crate::session::{Change, Refusal, Session};
@@ -140,6 +142,8 @@ pub struct OutPayload {
     pub to: Name,
     pub bytes: Vec<u8>,
     pub frames: usize,
+    /// Frame bytes by category, to share the payload's cost out (`link usage`).
+    pub by: Vec<(Category, usize)>,
 }
 
 /// What a received payload amounted to.
@@ -168,6 +172,8 @@ pub struct Report {
     /// Commands to the sender answered `interrupted` here because its earlier
     /// store, which had them, was replaced.
     pub interrupted: usize,
+    /// Frame bytes by category (`link usage`).
+    pub by: Vec<(Category, usize)>,
 }
 
 /// A control frame owed to a peer, sent with the next payload to it: sealed for
@@ -219,6 +225,8 @@ pub struct Node {
     seen: BTreeMap<Name, (u64, u64)>,
     /// Errors met here, waiting to be reported (`errors.rs`).
     errors: errors::ErrorLog,
+    /// Budgets and link windows: what may go now (`budget.rs`).
+    gate: Gate,
 }
 
 impl Node {
@@ -256,6 +264,7 @@ impl Node {
             facts_peers: BTreeSet::new(),
             seen: BTreeMap::new(),
             errors: errors::ErrorLog::default(),
+            gate: Gate::default(),
         };
         node.sync_streams()?;
         for peer in node.store.peers_with_work()? {
@@ -631,6 +640,8 @@ impl Node {
             // `expand` only makes frames that unpack and decode.
             let Ok(bytes) = item else { break };
             let Ok(env) = frame::decode(bytes) else { break };
+            let (_, category) = budget::classify(&env.lane, frame::body_index(bytes));
+            add_to(&mut report.by, category, bytes.len());
             frames.push((env, bytes));
         }
         if opened.probe
@@ -918,7 +929,7 @@ impl Node {
             match action {
                 Action::SendAck { peer, lane, upto } => {
                     let ack = self.control(&peer, lane, Body::Ack { upto }, now_ms);
-                    packer.push(&peer, &frame::encode(&ack)?);
+                    packer.push(&peer, &frame::encode(&ack)?, Category::Acks);
                 }
                 Action::Send {
                     peer,
@@ -928,8 +939,27 @@ impl Node {
                 } => {
                     let (frames, bad) = self.store.outbox_frames(&peer, &lane, from, to, now_ms)?;
                     corrupt.extend(bad);
-                    for (_, bytes) in frames {
-                        packer.push(&peer, &bytes);
+                    self.gate.unhold(&peer, &lane);
+                    for (seq, bytes) in frames {
+                        let (class, category) =
+                            budget::classify(&lane, frame::body_index(&bytes));
+                        if self.gate.is_active() {
+                            // About what it costs on the wire: its share of a
+                            // payload's seal, MQTT and TCP/IP headers.
+                            let cost = bytes.len() as u64 * 21 / 20 + 64;
+                            if let Err(wait) = self.gate.admit(&peer, class, cost, now_ms) {
+                                self.gate.hold(&peer, &lane, class, &wait);
+                                let gated = Event::Gated {
+                                    peer: peer.clone(),
+                                    lane: lane.clone(),
+                                    upto: seq - 1,
+                                    until_ms: wait.until_ms,
+                                };
+                                self.delivery.handle(gated, now_ms);
+                                break;
+                            }
+                        }
+                        packer.push(&peer, &bytes, category);
                     }
                 }
             }
@@ -942,6 +972,7 @@ impl Node {
                     to: p.to,
                     bytes,
                     frames: p.frames,
+                    by: p.by,
                 }),
                 // Not trusted (any more): nothing goes; delivery holds its streams.
                 Err(_) => {
@@ -994,7 +1025,7 @@ impl Node {
                 let env = self.control(&peer, control_lane(), o.body, now_ms);
                 let bytes = frame::encode(&env)?;
                 match o.epoch {
-                    None => packer.push(&peer, &bytes),
+                    None => packer.push(&peer, &bytes, Category::Control),
                     Some(epoch) => challenges.entry(epoch).or_default().push(bytes),
                 }
             }
@@ -1005,6 +1036,7 @@ impl Node {
                 if let Ok(bytes) = self.session.seal_for(&peer, epoch, true, &wire, counter) {
                     out.push(OutPayload {
                         to: peer.clone(),
+                        by: vec![(Category::Control, bytes.len())],
                         bytes,
                         frames: frames.len(),
                     });
@@ -1014,7 +1046,7 @@ impl Node {
         for ((peer, lane), upto) in std::mem::take(&mut self.nacks) {
             if self.session.synced(&peer) && self.session.is_trusted(&peer) {
                 let env = self.control(&peer, lane, Body::Nack { upto }, now_ms);
-                packer.push(&peer, &frame::encode(&env)?);
+                packer.push(&peer, &frame::encode(&env)?, Category::Acks);
             }
         }
         Ok(())
@@ -1204,32 +1236,36 @@ impl Packer {
         }
     }
 
-    fn push(&mut self, to: &Name, bytes: &[u8]) {
+    fn push(&mut self, to: &Name, bytes: &[u8], category: Category) {
         let need = frame::packed_len(bytes.len());
-        let p = self.open.entry(to.clone()).or_insert_with(|| OutPayload {
+        let empty = || OutPayload {
             to: to.clone(),
             bytes: Vec::new(),
             frames: 0,
-        });
+            by: Vec::new(),
+        };
+        let p = self.open.entry(to.clone()).or_insert_with(empty);
         if p.frames > 0 && p.bytes.len() + need > self.max {
-            let full = std::mem::replace(
-                p,
-                OutPayload {
-                    to: to.clone(),
-                    bytes: Vec::new(),
-                    frames: 0,
-                },
-            );
+            let full = std::mem::replace(p, empty());
             self.done.push(full);
         }
         p.bytes.extend_from_slice(&frame::pack([bytes]));
         p.frames += 1;
+        add_to(&mut p.by, category, bytes.len());
     }
 
     fn finish(mut self) -> Vec<OutPayload> {
         self.done
             .extend(self.open.into_values().filter(|p| p.frames > 0));
         self.done
+    }
+}
+
+/// Adds `n` bytes to `category` in a short list of sums.
+fn add_to(by: &mut Vec<(Category, usize)>, category: Category, n: usize) {
+    match by.iter_mut().find(|(c, _)| *c == category) {
+        Some((_, sum)) => *sum += n,
+        None => by.push((category, n)),
     }
 }
 

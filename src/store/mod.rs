@@ -17,6 +17,7 @@ mod registry;
 mod retention;
 mod schema;
 mod session;
+mod usage;
 
 pub use cancel::{CancelAt, Cancelled, Waiting};
 pub use errors::NodeError;
@@ -25,6 +26,7 @@ pub use output::JobOutput;
 pub use registry::{FactsSent, NodeRecord};
 pub use retention::{Pruned, Retention};
 pub use session::{PeerSession, SyncOutcome};
+pub use usage::UsageDelta;
 
 use marker::Marker;
 

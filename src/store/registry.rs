@@ -67,7 +67,8 @@ impl Store {
         .transpose()
     }
 
-    /// Queues `body` (a Facts frame) to `peer` on the control lane and records
+    /// Queues `body` (a Facts frame) to `peer` on the `bulk.facts` lane (bulk
+    /// class: budgets hold it back first, and it never holds up a cancel) and records
     /// `sent`, what the peer will hold, in one savepoint.
     pub fn queue_facts(
         &mut self,
@@ -78,7 +79,7 @@ impl Store {
     ) -> Result<Queued, StoreError> {
         let items = vec![Outgoing {
             to: peer.clone(),
-            lane: super::control_lane(),
+            lane: facts_lane(),
             ttl_s: None,
             body: Body::Facts(body),
         }];
@@ -218,4 +219,9 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// The lane facts travel on.
+fn facts_lane() -> crate::frame::Lane {
+    crate::frame::Lane::new("bulk.facts").expect("a valid lane name")
 }

@@ -285,6 +285,29 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE UNIQUE INDEX node_errors_seq ON node_errors (seq);
     ",
+    // 11 -> 12: what the link spent (`store/usage.rs`): bytes on the wire per hour
+    // and category, per day and peer, and each budget's spending this period.
+    "
+    CREATE TABLE usage (
+        hour INTEGER NOT NULL,          -- hours since the epoch
+        category TEXT NOT NULL,
+        up INTEGER NOT NULL, down INTEGER NOT NULL,
+        PRIMARY KEY (hour, category)
+    ) WITHOUT ROWID;
+    CREATE TABLE peer_usage (
+        day INTEGER NOT NULL,           -- days since the epoch
+        peer TEXT NOT NULL,
+        up INTEGER NOT NULL, down INTEGER NOT NULL,
+        PRIMARY KEY (day, peer)
+    ) WITHOUT ROWID;
+    CREATE TABLE budget_spent (
+        scope TEXT NOT NULL,            -- '' for the node's own budgets, else a peer
+        budget TEXT NOT NULL,           -- as configured: 5MiB/day
+        start_ms INTEGER NOT NULL,      -- the period it is for
+        bytes INTEGER NOT NULL,
+        PRIMARY KEY (scope, budget)
+    ) WITHOUT ROWID;
+    ",
 ];
 
 /// Brings the database to the newest version, one transaction per step.
