@@ -253,7 +253,8 @@ impl Zone {
                 path.display()
             )
         })?;
-        let offsets = parse_tzif(&bytes).ok_or_else(|| format!("zone {name:?}: {} is not a TZif file", path.display()))?;
+        let offsets = parse_tzif(&bytes)
+            .ok_or_else(|| format!("zone {name:?}: {} is not a TZif file", path.display()))?;
         Ok(Zone {
             name: name.into(),
             offsets,
@@ -333,7 +334,8 @@ pub struct Window {
 
 impl Window {
     pub fn parse(s: &str, zoneinfo: &std::path::Path) -> Result<Window, String> {
-        let bad = || format!("bad link window {s:?} (try \"02:00-04:00\", \"bulk 01:00-05:00 UTC\")");
+        let bad =
+            || format!("bad link window {s:?} (try \"02:00-04:00\", \"bulk 01:00-05:00 UTC\")");
         let mut words = s.split_whitespace();
         let mut word = words.next().ok_or_else(bad)?;
         let class = match word.parse::<Class>() {
@@ -474,7 +476,10 @@ impl Gate {
     }
 
     /// The budgets that apply to traffic with `peer`: the node's, then the peer's.
-    fn budgets_for<'a>(&'a self, peer: &'a Name) -> impl Iterator<Item = (String, &'a Budget)> + 'a {
+    fn budgets_for<'a>(
+        &'a self,
+        peer: &'a Name,
+    ) -> impl Iterator<Item = (String, &'a Budget)> + 'a {
         let node = self.plan.budgets.iter().map(|b| (String::new(), b));
         let peers = self
             .plan
@@ -499,7 +504,13 @@ impl Gate {
 
     /// May a frame of `class` and about `bytes` on the wire go to `peer` now? If
     /// so it is counted as pending until the meter says what it cost.
-    pub fn admit(&mut self, peer: &Name, class: Class, bytes: u64, now_ms: u64) -> Result<(), Wait> {
+    pub fn admit(
+        &mut self,
+        peer: &Name,
+        class: Class,
+        bytes: u64,
+        now_ms: u64,
+    ) -> Result<(), Wait> {
         if now_ms >= self.released_until_ms {
             for w in self.plan.windows.iter().filter(|w| w.applies_to(class)) {
                 let (open, _) = w.state(now_ms);
@@ -524,21 +535,32 @@ impl Gate {
                     .collect();
                 return Err(Wait {
                     until_ms,
-                    why: format!("{class} traffic goes only in its link window ({})", texts.join(", ")),
+                    why: format!(
+                        "{class} traffic goes only in its link window ({})",
+                        texts.join(", ")
+                    ),
                 });
             }
         }
         self.admit_budgets(peer, class, bytes, now_ms)
     }
 
-    fn admit_budgets(&mut self, peer: &Name, class: Class, bytes: u64, now_ms: u64) -> Result<(), Wait> {
+    fn admit_budgets(
+        &mut self,
+        peer: &Name,
+        class: Class,
+        bytes: u64,
+        now_ms: u64,
+    ) -> Result<(), Wait> {
         let share = match class {
             Class::Urgent => None,
             Class::Normal => Some(NORMAL_SHARE),
             Class::Bulk => Some(BULK_SHARE),
         };
-        let budgets: Vec<(String, Budget)> =
-            self.budgets_for(peer).map(|(s, b)| (s, b.clone())).collect();
+        let budgets: Vec<(String, Budget)> = self
+            .budgets_for(peer)
+            .map(|(s, b)| (s, b.clone()))
+            .collect();
         if let (Some(share), false) = (share, now_ms < self.released_until_ms) {
             for (scope, b) in &budgets {
                 let s = self.spent_mut(scope.clone(), b, now_ms);
@@ -651,7 +673,11 @@ impl Gate {
             .filter(|s| s.start_ms == start)
             .map_or(0, |s| s.bytes + s.pending);
         BudgetView {
-            scope: if scope.is_empty() { "node".into() } else { scope },
+            scope: if scope.is_empty() {
+                "node".into()
+            } else {
+                scope
+            },
             budget: b.text.clone(),
             limit: b.limit,
             spent,
@@ -724,14 +750,38 @@ mod tests {
 
     #[test]
     fn frames_are_classified_by_body_and_lane() {
-        assert_eq!(classify(&lane("ordered"), Some(0)), (Class::Normal, Category::Commands));
-        assert_eq!(classify(&lane("urgent"), Some(0)), (Class::Urgent, Category::Commands));
-        assert_eq!(classify(&lane("ordered"), Some(1)), (Class::Urgent, Category::Results));
-        assert_eq!(classify(&lane("bulk"), Some(6)), (Class::Bulk, Category::Files));
-        assert_eq!(classify(&lane("control"), Some(5)), (Class::Urgent, Category::Files));
-        assert_eq!(classify(&lane("bulk.facts"), Some(15)), (Class::Bulk, Category::Facts));
-        assert_eq!(classify(&lane("control"), Some(14)), (Class::Urgent, Category::Control));
-        assert_eq!(classify(&lane("errors"), Some(16)), (Class::Normal, Category::Control));
+        assert_eq!(
+            classify(&lane("ordered"), Some(0)),
+            (Class::Normal, Category::Commands)
+        );
+        assert_eq!(
+            classify(&lane("urgent"), Some(0)),
+            (Class::Urgent, Category::Commands)
+        );
+        assert_eq!(
+            classify(&lane("ordered"), Some(1)),
+            (Class::Urgent, Category::Results)
+        );
+        assert_eq!(
+            classify(&lane("bulk"), Some(6)),
+            (Class::Bulk, Category::Files)
+        );
+        assert_eq!(
+            classify(&lane("control"), Some(5)),
+            (Class::Urgent, Category::Files)
+        );
+        assert_eq!(
+            classify(&lane("bulk.facts"), Some(15)),
+            (Class::Bulk, Category::Facts)
+        );
+        assert_eq!(
+            classify(&lane("control"), Some(14)),
+            (Class::Urgent, Category::Control)
+        );
+        assert_eq!(
+            classify(&lane("errors"), Some(16)),
+            (Class::Normal, Category::Control)
+        );
     }
 
     #[test]
@@ -764,9 +814,16 @@ mod tests {
         gate.spend(None, 700, NOW);
         let wait = gate.admit(&ship, Class::Bulk, 200, NOW).unwrap_err();
         assert_eq!(wait.until_ms, NOW + 10 * 3_600_000);
-        assert!(wait.why.contains("80% of this node's budget 1000B/day"), "{}", wait.why);
+        assert!(
+            wait.why.contains("80% of this node's budget 1000B/day"),
+            "{}",
+            wait.why
+        );
         assert!(gate.admit(&ship, Class::Normal, 200, NOW).is_ok());
-        assert!(gate.admit(&ship, Class::Normal, 100, NOW).is_err(), "pending counts");
+        assert!(
+            gate.admit(&ship, Class::Normal, 100, NOW).is_err(),
+            "pending counts"
+        );
         assert!(gate.admit(&ship, Class::Urgent, 5000, NOW).is_ok());
         // The next period starts afresh.
         assert!(gate.admit(&ship, Class::Bulk, 700, wait.until_ms).is_ok());

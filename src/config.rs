@@ -337,15 +337,20 @@ fn plan(
     windows: &[String],
 ) -> Result<crate::budget::Plan, String> {
     use crate::budget::{Budget, Plan, Window};
-    let budgets = |v: &[String]| -> Result<Vec<Budget>, String> {
-        v.iter().map(|b| b.parse()).collect()
-    };
-    let zoneinfo = std::env::var_os("TZDIR").map_or_else(|| PathBuf::from("/usr/share/zoneinfo"), PathBuf::from);
+    let budgets =
+        |v: &[String]| -> Result<Vec<Budget>, String> { v.iter().map(|b| b.parse()).collect() };
+    let zoneinfo = std::env::var_os("TZDIR")
+        .map_or_else(|| PathBuf::from("/usr/share/zoneinfo"), PathBuf::from);
     Ok(Plan {
         budgets: budgets(budget).map_err(|e| format!("budget: {e}"))?,
         peers: peers
             .iter()
-            .map(|(p, b)| Ok((p.clone(), budgets(b).map_err(|e| format!("peer_budgets.{p}: {e}"))?)))
+            .map(|(p, b)| {
+                Ok((
+                    p.clone(),
+                    budgets(b).map_err(|e| format!("peer_budgets.{p}: {e}"))?,
+                ))
+            })
             .collect::<Result<_, String>>()?,
         windows: windows
             .iter()

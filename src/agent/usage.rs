@@ -45,7 +45,10 @@ impl Ledger {
         if up + down == 0 {
             return;
         }
-        let e = self.hours.entry((now_ms / 3_600_000, category)).or_default();
+        let e = self
+            .hours
+            .entry((now_ms / 3_600_000, category))
+            .or_default();
         e.0 += up;
         e.1 += down;
     }
@@ -73,7 +76,14 @@ impl Ledger {
 
 impl Agent {
     /// A payload to `peer` of `n` bytes on `topic` was handed to the link.
-    pub(super) fn count_out(&mut self, peer: &Name, topic: &str, n: usize, by: &[(Category, usize)], now: u64) {
+    pub(super) fn count_out(
+        &mut self,
+        peer: &Name,
+        topic: &str,
+        n: usize,
+        by: &[(Category, usize)],
+        now: u64,
+    ) {
         let (up, down) = (publish_size(topic, n) as u64, PUBACK);
         self.ledger.payload_up += up;
         self.ledger.payload_down += down;
@@ -82,7 +92,14 @@ impl Agent {
     }
 
     /// A message of `n` bytes came in on `topic`, from `peer` if it opened.
-    pub(super) fn count_in(&mut self, peer: Option<&Name>, topic: &str, n: usize, by: &[(Category, usize)], now: u64) {
+    pub(super) fn count_in(
+        &mut self,
+        peer: Option<&Name>,
+        topic: &str,
+        n: usize,
+        by: &[(Category, usize)],
+        now: u64,
+    ) {
         let (up, down) = (PUBACK, publish_size(topic, n) as u64);
         self.ledger.payload_up += up;
         self.ledger.payload_down += down;
@@ -115,9 +132,18 @@ impl Agent {
         let s = l.seen;
         let d = |a: u64, b: u64| a.saturating_sub(b);
         let (wire_up, wire_down) = (d(u.wire_up, s.wire_up), d(u.wire_down, s.wire_down));
-        let connect = (d(u.connect_up, s.connect_up), d(u.connect_down, s.connect_down));
-        let keepalive = (d(u.keepalive_up, s.keepalive_up), d(u.keepalive_down, s.keepalive_down));
-        let presence = (d(u.presence_up, s.presence_up), d(u.presence_down, s.presence_down));
+        let connect = (
+            d(u.connect_up, s.connect_up),
+            d(u.connect_down, s.connect_down),
+        );
+        let keepalive = (
+            d(u.keepalive_up, s.keepalive_up),
+            d(u.keepalive_down, s.keepalive_down),
+        );
+        let presence = (
+            d(u.presence_up, s.presence_up),
+            d(u.presence_down, s.presence_down),
+        );
         l.seen = u;
         l.add(now, Category::Connects, connect.0, connect.1);
         l.add(now, Category::Keepalive, keepalive.0, keepalive.1);
@@ -231,7 +257,9 @@ impl Agent {
     pub(super) fn usage_totals(&self, now: u64) -> ((u64, u64), (u64, u64)) {
         let view = self.usage_view(now);
         let sum = |rows: &[UsageCategory], pick: fn(&UsageCategory) -> (u64, u64)| {
-            rows.iter().map(pick).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+            rows.iter()
+                .map(pick)
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
         };
         (
             sum(&view.categories, |c| (c.day_up, c.day_down)),
@@ -245,11 +273,19 @@ impl Agent {
         let day_start = now / 86_400_000 * 24;
         let (month_start_ms, _) = crate::budget::Period::Month.bounds(now);
         let month_start = month_start_ms / 3_600_000;
-        let stored = self.node.store().usage_since(month_start).unwrap_or_else(|e| {
-            error!("cannot read link usage: {e}");
-            Vec::new()
-        });
-        let pending = self.ledger.hours.iter().map(|((h, c), (u, d))| (*h, *c, *u, *d));
+        let stored = self
+            .node
+            .store()
+            .usage_since(month_start)
+            .unwrap_or_else(|e| {
+                error!("cannot read link usage: {e}");
+                Vec::new()
+            });
+        let pending = self
+            .ledger
+            .hours
+            .iter()
+            .map(|((h, c), (u, d))| (*h, *c, *u, *d));
         let mut categories: Vec<UsageCategory> = Category::ALL
             .into_iter()
             .map(|c| UsageCategory {

@@ -103,7 +103,10 @@ pub(super) fn print_budgets(budgets: &[BudgetView], held: &[HeldView], released:
         );
     }
     if let Some(until) = released {
-        println!("released budgets and link windows are lifted until {}", utc(until));
+        println!(
+            "released budgets and link windows are lifted until {}",
+            utc(until)
+        );
     }
     for h in held {
         println!(
@@ -132,5 +135,9 @@ fn release(common: &Common, for_: Option<&str>) -> Result<ExitCode, String> {
 pub(super) fn utc(ms: u64) -> String {
     let (y, m, d) = crate::budget::civil_from_days((ms / 86_400_000) as i64);
     let in_day = ms % 86_400_000 / 60_000;
-    format!("{y}-{m:02}-{d:02} {:02}:{:02} UTC", in_day / 60, in_day % 60)
+    format!(
+        "{y}-{m:02}-{d:02} {:02}:{:02} UTC",
+        in_day / 60,
+        in_day % 60
+    )
 }

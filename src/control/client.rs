@@ -12,8 +12,7 @@ use serde_json::Value;
 use super::reply::{
     CancelReply, FilesGetReply, FilesListReply, FilesPutReply, FilesRmReply, JobReply, JobView,
     JobsReply, NodeReply, NodeView, NodesReply, PurgeReply, QueueReply, ReleaseReply, SendReply,
-    StatusReply, UsageReply,
-    TransferReply, TransferView, WaitReply,
+    StatusReply, TransferReply, TransferView, UsageReply, WaitReply,
 };
 use super::{socket_path, CommandSpec, Request};
 

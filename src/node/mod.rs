@@ -941,8 +941,7 @@ impl Node {
                     corrupt.extend(bad);
                     self.gate.unhold(&peer, &lane);
                     for (seq, bytes) in frames {
-                        let (class, category) =
-                            budget::classify(&lane, frame::body_index(&bytes));
+                        let (class, category) = budget::classify(&lane, frame::body_index(&bytes));
                         if self.gate.is_active() {
                             // About what it costs on the wire: its share of a
                             // payload's seal, MQTT and TCP/IP headers.

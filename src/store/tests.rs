@@ -418,7 +418,7 @@ fn facts_queued_are_recorded_with_their_frame_and_reports_build_the_registry() {
         ..sent
     };
     let q2 = ship.queue_facts(&n("central"), change, &sent2, 20).unwrap();
-    assert_eq!((q1.lane.as_str(), q2.seq), ("control", q1.seq + 1));
+    assert_eq!((q1.lane.as_str(), q2.seq), ("bulk.facts", q1.seq + 1));
 
     let dir_c = TempDir::new("facts-central");
     let mut central = open(&dir_c, "central", u64::MAX);

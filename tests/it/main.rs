@@ -6,6 +6,7 @@
 #![allow(unreachable_pub)]
 
 mod agent;
+mod budget;
 mod cancel;
 mod cli;
 mod errors;
