@@ -8,7 +8,7 @@
 //!
 //! Prints a table (Markdown, the README's) and writes `target/compare.json`.
 //! Scenarios: replay (1, and flash wear, 6), wire (2), enqueue (3), latency (4),
-//! footprint (5), satellite (7).
+//! footprint (5), satellite (7), cost (8).
 
 // Helpers shared across this crate's modules are `pub` to each other only.
 #![allow(unreachable_pub)]
@@ -16,6 +16,7 @@
 #[path = "../../tests/it/support/mod.rs"]
 mod support;
 
+mod cost;
 mod footprint;
 mod replay;
 mod report;
@@ -57,6 +58,7 @@ const SCENARIOS: &[Scenario] = &[
     ("latency", footprint::latency),
     ("footprint", footprint::run),
     ("satellite", satellite::run),
+    ("cost", cost::run),
 ];
 
 fn main() {

@@ -516,11 +516,15 @@ fn report_ping(r: &mut Report, p: &PingOverhead) {
 /// A pair whose node reaches the broker's TLS listener through the proxy
 /// (`mqtts://`, trusting the benchmark CA); the central stays on plain TCP.
 fn tls_pair(broker: Broker, tls_addr: SocketAddr, pki: &Pki) -> Pair {
+    tls_pair_with(broker, tls_addr, pki, &format!("{KEEPALIVE_S}s"))
+}
+
+/// As [`tls_pair`] with another keepalive.
+pub fn tls_pair_with(broker: Broker, tls_addr: SocketAddr, pki: &Pki, keepalive: &str) -> Pair {
     let proxy = Proxy::start(tls_addr);
-    let keepalive = format!("{KEEPALIVE_S}s");
     let ca = pki.ca.cert().to_str().expect("utf-8 path");
     let node_url = format!("mqtts://127.0.0.1:{}", proxy.port());
-    let flags = ["--keepalive", keepalive.as_str()];
+    let flags = ["--keepalive", keepalive];
     Pair::assemble(
         broker,
         proxy,
@@ -925,14 +929,14 @@ fn check_json_results(op: &TeOperator, ids: &[u64]) {
 // TLS material
 
 /// A CA and a server certificate for 127.0.0.1 from the tests' `support::pki`.
-struct Pki {
+pub struct Pki {
     _dir: TempDir,
     ca: Ca,
     server: Issued,
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub fn new() -> Pki {
         let dir = TempDir::new();
         let ca = Ca::new(dir.path(), "ca");
         let server = ca.issue("broker", Some("IP:127.0.0.1"));
@@ -945,7 +949,7 @@ impl Pki {
 
     /// A stock mosquitto with a second listener speaking TLS (server certificate
     /// only), and that listener's address.
-    fn broker(&self) -> (Broker, SocketAddr) {
+    pub fn broker(&self) -> (Broker, SocketAddr) {
         let port = free_port();
         let broker = Broker::start_stock(&format!(
             "listener {port} 127.0.0.1\n{}",
