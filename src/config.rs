@@ -236,7 +236,7 @@ impl Config {
             return Err(format!("prefix {prefix:?}: must be a non-empty MQTT topic without wildcards or a trailing /"));
         }
         let keepalive = opt(raw.keepalive.as_deref(), "keepalive", parse_duration)?
-            .unwrap_or(Duration::from_secs(60));
+            .unwrap_or(Duration::from_secs(300));
         if keepalive < Duration::from_secs(1) || keepalive > Duration::from_secs(65_535) {
             return Err("keepalive: between 1s and 65535s".into());
         }

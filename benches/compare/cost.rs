@@ -238,7 +238,10 @@ fn reconnect(r: &mut Report, tls: bool, pki: &crate::wire::Pki) {
     r.add(
         Figure::new(
             SCENARIO,
-            &format!("one reconnect, TCP+TLS+MQTT+resubscribe+presence ({})", label(tls)),
+            &format!(
+                "one reconnect, TCP+TLS+MQTT+resubscribe+presence ({})",
+                label(tls)
+            ),
             t.bytes as f64,
             "B",
         )
@@ -258,7 +261,9 @@ fn budget(r: &mut Report) {
     introduce(tmp.path(), "central", "node", "exec,files");
     let share = tmp.path().join("share");
     std::fs::create_dir_all(&share).unwrap();
-    let data: Vec<u8> = (0..5u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let data: Vec<u8> = (0..5u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
     std::fs::write(share.join("big.bin"), &data).unwrap();
     let broker = Broker::start_stock("");
     let proxy = Proxy::start(broker.addr());
@@ -268,9 +273,16 @@ fn budget(r: &mut Report) {
         "node",
         &proxy.url(),
         tmp.path(),
-        &["--share-dir", share.to_str().unwrap(), "--budget", "1MiB/day"],
+        &[
+            "--share-dir",
+            share.to_str().unwrap(),
+            "--budget",
+            "1MiB/day",
+        ],
     );
-    wait_until("central sees the node", LONG, || central.sees_online("node"));
+    wait_until("central sees the node", LONG, || {
+        central.sees_online("node")
+    });
     let get = central.call(&Request::FilesGet {
         from: "node".into(),
         path: "big.bin".into(),

@@ -266,6 +266,8 @@ struct Shared {
     poisoned: AtomicBool,
     /// Bytes on the wire (see `meter.rs`).
     meter: std::sync::Mutex<meter::Meter>,
+    /// What the broker's session holds subscribed, as far as we asked for it.
+    subscribed: std::sync::Mutex<Vec<String>>,
 }
 
 impl Link {
@@ -286,6 +288,7 @@ impl Link {
             extra: std::sync::Mutex::new(Vec::new()),
             poisoned: AtomicBool::new(false),
             meter: Default::default(),
+            subscribed: Default::default(),
         });
         let (event_tx, event_rx) = smol::channel::bounded(EVENT_CAPACITY);
         // Unbounded but small: we hold at most the broker's in-flight window of
@@ -404,16 +407,22 @@ impl Link {
             return;
         }
         // A full request queue only loses these until the next reconnect, which
-        // subscribes to the whole list again.
+        // (un)subscribes what the broker's session lacks.
+        let mut held = run::lock(&self.inner.shared.subscribed);
         for f in removed {
-            let _ = self.inner.client.try_unsubscribe(f);
+            if self.inner.client.try_unsubscribe(f.clone()).is_ok() {
+                held.retain(|h| *h != f);
+            }
         }
         if !added.is_empty() {
-            let _ = self.inner.client.try_subscribe_many(
+            let sent = self.inner.client.try_subscribe_many(
                 added
-                    .into_iter()
-                    .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce)),
+                    .iter()
+                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
             );
+            if sent.is_ok() {
+                held.extend(added);
+            }
         }
     }
 

@@ -194,7 +194,7 @@ impl Thread {
                         connect_size(&self.cfg) as u64,
                         4,
                     );
-                    n_untagged_own = self.queue_on_connect();
+                    n_untagged_own = self.queue_on_connect(connack.session_present);
                     own_pkids.clear();
                     // The clean session was for this connect only.
                     self.eventloop.mqtt_options.set_clean_session(false);
@@ -282,8 +282,11 @@ impl Thread {
     }
 
     /// Queues subscriptions and on_connect messages ahead of anything the caller
-    /// queued; returns how many publishes that is.
-    fn queue_on_connect(&mut self) -> usize {
+    /// queued; returns how many publishes that is. When the broker kept our
+    /// session it kept its subscriptions too: only what changed since is
+    /// (un)subscribed, which spares the SUBSCRIBE and the retained messages it
+    /// would bring again (a reconnect's largest part after the handshakes).
+    fn queue_on_connect(&mut self, session_present: bool) -> usize {
         let poisoned = self.shared.poisoned.load(Ordering::Acquire);
         let pending = &mut self.eventloop.pending;
         let mut own = 0;
@@ -302,18 +305,36 @@ impl Thread {
                 own += 1;
             }
         }
-        let mut filters: Vec<String> = self.cfg.subscriptions.clone();
+        let mut wanted: Vec<String> = self.cfg.subscriptions.clone();
         if !poisoned {
-            filters.extend(lock(&self.shared.extra).iter().cloned());
+            wanted.extend(lock(&self.shared.extra).iter().cloned());
+        }
+        let mut held = lock(&self.shared.subscribed);
+        if !session_present || poisoned {
+            held.clear();
+        }
+        let gone: Vec<String> = held
+            .iter()
+            .filter(|f| !wanted.contains(f))
+            .cloned()
+            .collect();
+        let filters: Vec<String> = wanted.into_iter().filter(|f| !held.contains(f)).collect();
+        if !gone.is_empty() {
+            let mut unsubscribe = rumqttc::Unsubscribe::new(String::new());
+            unsubscribe.topics = gone.clone();
+            pending.push_back(Request::Unsubscribe(unsubscribe));
+            held.retain(|f| !gone.contains(f));
         }
         if !filters.is_empty() {
             let n = subscribe_size(filters.iter().map(String::as_str));
             lock(&self.shared.meter).packet(Metered::Subscribe, true, n as u64);
+            held.extend(filters.iter().cloned());
             let filters = filters
                 .into_iter()
                 .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce));
             pending.push_back(Request::Subscribe(Subscribe::new_many(filters)));
         }
+        drop(held);
         for retained in &self.cfg.on_connect {
             let mut publish = Publish::new(
                 retained.topic.clone(),
