@@ -734,6 +734,43 @@ mod tests {
     }
 
     #[test]
+    fn usage_and_release_replies_are_the_documented_json() {
+        let r = Reply::Usage(UsageReply {
+            measured: true,
+            connects: 1,
+            categories: vec![UsageCategory {
+                category: crate::budget::Category::Commands,
+                hour_down: 310,
+                day_down: 310,
+                month_down: 310,
+                ..UsageCategory::default()
+            }],
+            budgets: vec![crate::budget::BudgetView {
+                scope: "node".into(),
+                budget: "5MiB/day".into(),
+                limit: 5 << 20,
+                spent: 2000,
+                period_end_ms: 1_763_856_000_000,
+            }],
+            held: vec![crate::budget::HeldView {
+                peer: "central".into(),
+                lane: "bulk".into(),
+                class: crate::budget::Class::Bulk,
+                until_ms: 1_763_856_000_000,
+                why: "bulk traffic may spend 80% of this node's budget 5MiB/day, and 4.0 MiB of it is spent".into(),
+            }],
+            released_until_ms: None,
+        });
+        let readme = include_str!("../../README.md");
+        let usage = line(r);
+        assert!(readme.contains(&format!("`{}`", usage.trim_end())), "{usage}");
+        let release = line(Reply::Release(ReleaseReply {
+            until_ms: 1_763_807_200_000,
+        }));
+        assert!(readme.contains(&format!("`{}`", release.trim_end())), "{release}");
+    }
+
+    #[test]
     fn job_jobs_and_wait_replies_are_the_documented_json() {
         assert_eq!(
             line(Reply::Job(JobReply { job: exec_job() })),
