@@ -8,6 +8,7 @@
 mod agent;
 mod cancel;
 mod cli;
+mod compress;
 mod errors;
 mod facts;
 mod faults;
