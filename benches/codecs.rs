@@ -141,11 +141,12 @@ fn wire(frames: &[Vec<u8>], now_ms: u64) -> Vec<u8> {
     frame::compact(&packed, &name("ship1"), &name("central"), now_ms).unwrap()
 }
 
-type Codec = (&'static str, Box<dyn Fn(&[u8]) -> Vec<u8>>);
+type Compress = Box<dyn Fn(&[u8]) -> Vec<u8>>;
+type Codec = (&'static str, Compress);
 
 fn codecs(dict: &[u8]) -> Vec<Codec> {
     let dict = dict.to_vec();
-    let deflate = |level: u8| -> Box<dyn Fn(&[u8]) -> Vec<u8>> {
+    let deflate = |level: u8| -> Compress {
         Box::new(move |b: &[u8]| miniz_oxide::deflate::compress_to_vec(b, level))
     };
     vec![
