@@ -40,6 +40,9 @@ pub struct FileConfig {
     pub quota: Option<String>,
     pub log_level: Option<String>,
     pub output_cap: Option<String>,
+    /// Deflate payloads when it pays (default true); for measuring, and for
+    /// senders whose peers run a build before compression.
+    pub compress: Option<bool>,
     pub username: Option<String>,
     pub password: Option<String>,
     /// A file holding the broker password (first line), not readable by others.
@@ -113,6 +116,7 @@ impl FileConfig {
             quota,
             log_level,
             output_cap,
+            compress,
             username,
             password,
             password_file,
@@ -175,6 +179,7 @@ pub struct Config {
     pub quota: u64,
     pub log_level: LogLevel,
     pub output_cap: u64,
+    pub compress: bool,
     pub username: Option<String>,
     #[serde(serialize_with = "redact")]
     pub password: Option<String>,
@@ -312,6 +317,7 @@ impl Config {
             quota,
             log_level,
             output_cap,
+            compress: raw.compress.unwrap_or(true),
             username: raw.username,
             password,
             ca_file: raw.ca_file,

@@ -5,6 +5,8 @@
 //! - [`frame`]: envelope types, encode/decode, CRC, payload packing; pure, no I/O.
 //! - [`store`]: the SQLite store (outbox, inbox, journal, results, jobs, quarantine);
 //!   the only module that knows SQL.
+//! - [`compress`]: payload compression before sealing (deflate when it pays), bounded
+//!   inflating; pure.
 //! - [`delivery`]: per-stream sequencing, acks and resend decisions; pure, takes `now`.
 //! - [`node`]: store and delivery wired into one synchronous protocol core.
 //! - [`exec`]: running processes: timeouts, process groups, output caps.
@@ -29,6 +31,7 @@ pub mod log;
 pub mod agent;
 pub mod budget;
 pub mod cli;
+pub mod compress;
 pub mod config;
 pub mod control;
 pub mod delivery;

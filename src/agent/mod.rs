@@ -117,6 +117,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             share_dirs: cfg.share_dirs.clone(),
             chunk_size: cfg.chunk_size,
         },
+        compress: cfg.compress,
         ..NodeConfig::default()
     };
     // For tests that must show something does not wait for the resend timer: a

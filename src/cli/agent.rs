@@ -114,6 +114,7 @@ impl AgentArgs {
             quota: self.quota.clone(),
             log_level: self.log_level.clone(),
             output_cap: self.output_cap.clone(),
+            compress: None,
             username: self.username.clone(),
             password: self.password.clone(),
             password_file: self.password_file.clone(),

@@ -763,11 +763,17 @@ mod tests {
         });
         let readme = include_str!("../../README.md");
         let usage = line(r);
-        assert!(readme.contains(&format!("`{}`", usage.trim_end())), "{usage}");
+        assert!(
+            readme.contains(&format!("`{}`", usage.trim_end())),
+            "{usage}"
+        );
         let release = line(Reply::Release(ReleaseReply {
             until_ms: 1_763_807_200_000,
         }));
-        assert!(readme.contains(&format!("`{}`", release.trim_end())), "{release}");
+        assert!(
+            readme.contains(&format!("`{}`", release.trim_end())),
+            "{release}"
+        );
     }
 
     #[test]

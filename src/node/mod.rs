@@ -46,6 +46,7 @@ pub use facts::FactsQueued;
 pub use files::CHUNKS_AHEAD;
 
 use crate::budget::{self, Category, Gate};
+use crate::compress;
 use crate::delivery::{Action, Delivery, DeliveryConfig, Event};
 use crate::frame::{self, Body, CmdResult, Envelope, Lane, Method, Name, Status};
 use crate::session::{Change, Refusal, Session};
@@ -74,6 +75,9 @@ pub struct NodeConfig {
     /// Commands of one parallel lane running at once.
     pub parallel: usize,
     pub files: FilesConfig,
+    /// Deflate payloads when it pays (`compress::shrink`); received ones are
+    /// inflated either way.
+    pub compress: bool,
 }
 
 /// Where files land and what peers may fetch.
@@ -132,6 +136,7 @@ impl Default for NodeConfig {
             max_payload: 64 * 1024,
             parallel: 8,
             files: FilesConfig::default(),
+            compress: true,
         }
     }
 }
@@ -633,8 +638,21 @@ impl Node {
             }
         };
         let sender = opened.sender.clone();
-        let (packed, bad) = frame::expand(&opened.plain, &sender, self.me(), now_ms);
-        report.malformed = bad.map(|e| e.to_string());
+        // A payload that does not inflate is quarantined whole, like a frame that
+        // does not decode, and nothing of it is taken.
+        let (packed, bad) = match compress::restore(&opened.plain) {
+            Ok(plain) => {
+                let (packed, bad) = frame::expand(&plain, &sender, self.me(), now_ms);
+                (packed, bad.map(|e| e.to_string()))
+            }
+            Err(e) => {
+                let why = format!("{e} from {sender}");
+                self.store
+                    .quarantine_received(&opened.plain, &why, now_ms)?;
+                (Vec::new(), Some(format!("{e}; quarantined")))
+            }
+        };
+        report.malformed = bad;
         let mut frames = Vec::new();
         for item in frame::unpack(&packed) {
             // `expand` only makes frames that unpack and decode.
@@ -964,7 +982,10 @@ impl Node {
             }
         }
         for p in packer.finish() {
-            let wire = frame::compact(&p.bytes, &me, &p.to, now_ms)?;
+            let mut wire = frame::compact(&p.bytes, &me, &p.to, now_ms)?;
+            if self.cfg.compress {
+                wire = compress::shrink(wire);
+            }
             let counter = self.next_counter(&p.to)?;
             match self.session.seal(&p.to, &wire, counter) {
                 Ok(bytes) => out.push(OutPayload {

@@ -9,6 +9,7 @@ mod agent;
 mod budget;
 mod cancel;
 mod cli;
+mod compress;
 mod errors;
 mod facts;
 mod faults;

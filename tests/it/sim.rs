@@ -92,6 +92,7 @@ fn cfg(files: FilesConfig) -> NodeConfig {
         // Small payloads so batching splits often.
         max_payload: 700,
         parallel: 3,
+        compress: true,
     }
 }
 
