@@ -90,6 +90,16 @@ pub struct AgentArgs {
     /// (default 100000)
     #[argh(option)]
     pub retention_jobs: Option<u64>,
+    /// always (default) or on-demand: connect only to send, to poll, and while
+    /// traffic flows
+    #[argh(option)]
+    pub link: Option<String>,
+    /// on-demand: the longest the link stays down between polls (default 30m)
+    #[argh(option)]
+    pub poll: Option<String>,
+    /// on-demand: how long a quiet link stays up before it hangs up (default 30s)
+    #[argh(option)]
+    pub linger: Option<String>,
 }
 
 impl AgentArgs {
@@ -120,6 +130,9 @@ impl AgentArgs {
             facts_interval: self.facts_interval.clone(),
             retention: self.retention.clone(),
             retention_jobs: self.retention_jobs,
+            link: self.link.clone(),
+            poll: self.poll.clone(),
+            linger: self.linger.clone(),
         }
     }
 }
