@@ -13,6 +13,7 @@ mod facts;
 mod faults;
 mod files;
 mod link;
+mod ondemand;
 mod output;
 mod retention;
 mod security;
