@@ -239,3 +239,43 @@ fn an_idle_poll_is_one_short_connection() {
     );
     assert!(up + down < 600, "{up} + {down} bytes");
 }
+
+#[test]
+fn a_command_that_outlives_the_hold_sends_its_result_on_a_connect_of_its_own() {
+    // Polls far apart: a connect before the next poll is the result's.
+    let mut rig = Rig::new(Duration::from_secs(300));
+    rig.wait_asleep();
+    let job = rig.central.send_exec(
+        "ship1",
+        "ordered",
+        &["sh", "-c", "sleep 20; echo done"],
+        None,
+    );
+    // A start is a poll: the node fetches the command now, not in 5 minutes.
+    rig.ship.kill9_and_restart();
+    wait_until("ship1 runs the command", LONG, || {
+        rig.central.job(job)["targets"][0]["state"] == "running"
+    });
+    // Ten lingers of quiet after its `Started` notice, it hangs up while the
+    // command still runs.
+    wait_until("ship1 hangs up while it runs", LONG, || {
+        rig.proxy.connections() == 0 && rig.ship.status()["link"]["connected"] == false
+    });
+    assert!(rig.central.job(job)["targets"][0]["result"].is_null());
+    let next_poll = rig.ship.status()["link"]["next_poll_ms"].as_u64().unwrap();
+    let connects = rig.proxy.accepted();
+    let j = wait_for("the result", LONG, || {
+        let j = rig.central.job(job);
+        (!j["targets"][0]["result"].is_null()).then_some(j)
+    });
+    assert_eq!(j["targets"][0]["result"]["stdout"], "done\n");
+    assert!(
+        outpost::agent::now_ms() < next_poll,
+        "the result came before the next poll"
+    );
+    assert_eq!(
+        rig.proxy.accepted(),
+        connects + 1,
+        "one connect for the result"
+    );
+}
