@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::support::broker::Broker;
 use crate::support::mqtt::Capture;
 use crate::support::outpost::{introduce, Agent};
-use crate::support::proxy::Proxy;
+use crate::support::proxy::{Mode, Proxy};
 use crate::support::{scaled, wait_for, wait_until, TempDir};
 
 const LONG: Duration = Duration::from_secs(120);
@@ -127,6 +127,9 @@ fn commands_queued_while_the_node_is_away_run_once_in_order_on_its_next_poll() {
     rig.wait_asleep();
     let file = rig.ship.dir.join("appended.txt");
     let polls_before = rig.proxy.accepted();
+    // Should its poll come while the commands are being queued, it is refused
+    // and tried again: all of them are queued while it is away.
+    rig.proxy.set_mode(Mode::Refuse);
 
     // `send` says when the node will be back, on stderr: --json stays JSON.
     let script = format!("echo 1 >> {}", file.display());
@@ -144,6 +147,7 @@ fn commands_queued_while_the_node_is_away_run_once_in_order_on_its_next_poll() {
         rig.append(i, &file);
     }
     assert!(appended(&file).is_empty(), "nothing ran while away");
+    rig.proxy.set_mode(Mode::Pass);
 
     let results = rig.wait_results(n);
     check_in_order_once(&results, n, &file);
