@@ -66,6 +66,12 @@ pub struct FileConfig {
     pub peer_budgets: Option<std::collections::BTreeMap<String, Vec<String>>>,
     /// When classes of traffic may use the link: `["bulk 02:00-04:00 UTC"]`.
     pub link_windows: Option<Vec<String>>,
+    /// `always` (default) or `on-demand`: connect only to send and to poll.
+    pub link: Option<String>,
+    /// On-demand: the longest the link stays down between polls.
+    pub poll: Option<String>,
+    /// On-demand: how long a quiet link stays up before it hangs up.
+    pub linger: Option<String>,
 }
 
 impl FileConfig {
@@ -133,9 +139,47 @@ impl FileConfig {
             retention_jobs,
             budget,
             peer_budgets,
-            link_windows
+            link_windows,
+            link,
+            poll,
+            linger
         );
         self
+    }
+}
+
+/// How the agent keeps its broker link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum LinkMode {
+    /// Connected all the time, reconnecting forever.
+    #[serde(rename = "always")]
+    Always,
+    /// Connected when there is something to send, every `poll` to fetch what
+    /// waits in the broker session, and while traffic flows; down after
+    /// `linger` of quiet (see `agent/demand.rs`).
+    #[serde(rename = "on-demand")]
+    OnDemand,
+}
+
+impl LinkMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkMode::Always => "always",
+            LinkMode::OnDemand => "on-demand",
+        }
+    }
+}
+
+impl std::str::FromStr for LinkMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(LinkMode::Always),
+            "on-demand" => Ok(LinkMode::OnDemand),
+            _ => Err(format!(
+                "unknown link mode {s:?} (expected always or on-demand)"
+            )),
+        }
     }
 }
 
@@ -209,6 +253,13 @@ pub struct Config {
     /// The three above, parsed.
     #[serde(skip)]
     pub plan: crate::budget::Plan,
+    pub link: LinkMode,
+    /// On-demand: the link is down at most this long between polls.
+    #[serde(serialize_with = "secs")]
+    pub poll: Duration,
+    /// On-demand: a link quiet this long hangs up.
+    #[serde(serialize_with = "secs")]
+    pub linger: Duration,
 }
 
 fn display<S: serde::Serializer>(v: &BrokerUrl, s: S) -> Result<S::Ok, S::Error> {
@@ -293,8 +344,22 @@ impl Config {
         let peer_budgets = raw.peer_budgets.unwrap_or_default();
         let link_windows = raw.link_windows.unwrap_or_default();
         let plan = plan(&budget, &peer_budgets, &link_windows)?;
+        let link = opt(raw.link.as_deref(), "link", str::parse)?.unwrap_or(LinkMode::Always);
+        let poll = opt(raw.poll.as_deref(), "poll", parse_duration)?
+            .unwrap_or(Duration::from_secs(30 * 60));
+        let linger = opt(raw.linger.as_deref(), "linger", parse_duration)?
+            .unwrap_or(Duration::from_secs(30));
+        if poll < Duration::from_secs(1) || poll > Duration::from_secs(7 * 86_400) {
+            return Err("poll: between 1s and 7d".into());
+        }
+        if linger < Duration::from_millis(100) || linger > poll {
+            return Err("linger: at least 100ms, and at most poll".into());
+        }
         let state_dir: PathBuf = raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
         Ok(Config {
+            link,
+            poll,
+            linger,
             budget,
             peer_budgets,
             link_windows,
@@ -443,6 +508,27 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+/// `14:30 UTC`, or `2026-11-22 14:30 UTC` when `ms` falls on another UTC day
+/// than `now_ms`: a wall-clock time for people (both in ms since the epoch).
+pub fn format_utc(ms: u64, now_ms: u64) -> String {
+    let (day, secs) = (ms / 86_400_000, ms / 1000 % 86_400);
+    let hm = format!("{:02}:{:02} UTC", secs / 3600, secs / 60 % 60);
+    if day == now_ms / 86_400_000 {
+        return hm;
+    }
+    // Days to a civil date (Howard Hinnant's `civil_from_days`).
+    let z = day as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y}-{m:02}-{d:02} {hm}")
+}
+
 /// `1000`, `64KiB`, `256MiB`, `1GiB` (also KB/MB/GB as powers of ten).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -498,6 +584,16 @@ mod tests {
     }
 
     #[test]
+    fn utc_times_print_for_people_with_the_date_only_when_another_day() {
+        // 2025-11-22 08:26:40 UTC.
+        let t = 1_763_800_000_000;
+        assert_eq!(format_utc(t, t), "08:26 UTC");
+        assert_eq!(format_utc(t + 3_600_000, t), "09:26 UTC");
+        assert_eq!(format_utc(t + 86_400_000, t), "2025-11-23 08:26 UTC");
+        assert_eq!(format_utc(951_782_400_000, t), "2000-02-29 00:00 UTC");
+    }
+
+    #[test]
     fn durations_and_sizes_parse_in_human_units() {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
@@ -532,5 +628,33 @@ mod tests {
             toml::from_str::<FileConfig>("nmae = \"x\"").is_err(),
             "unknown keys are errors"
         );
+    }
+
+    #[test]
+    fn the_link_is_always_on_unless_on_demand_with_its_poll_and_linger() {
+        let base = "name = \"ship1\"\nbroker = \"mqtt://b:1883\"\n";
+        let build = |extra: &str| {
+            let file: FileConfig = toml::from_str(&format!("{base}{extra}")).unwrap();
+            Config::build(file)
+        };
+        let cfg = build("").unwrap();
+        assert_eq!(cfg.link, LinkMode::Always);
+        assert_eq!(
+            (cfg.poll, cfg.linger),
+            (Duration::from_secs(1800), Duration::from_secs(30))
+        );
+        let cfg = build("link = \"on-demand\"\npoll = \"5m\"\nlinger = \"10s\"").unwrap();
+        assert_eq!(cfg.link, LinkMode::OnDemand);
+        assert_eq!(
+            (cfg.poll, cfg.linger),
+            (Duration::from_secs(300), Duration::from_secs(10))
+        );
+        assert!(build("link = \"sometimes\"")
+            .unwrap_err()
+            .starts_with("link:"));
+        assert!(build("poll = \"10s\"\nlinger = \"1m\"")
+            .unwrap_err()
+            .starts_with("linger:"));
+        assert!(build("poll = \"0s\"").unwrap_err().starts_with("poll:"));
     }
 }

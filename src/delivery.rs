@@ -37,6 +37,10 @@ pub struct DeliveryConfig {
     /// after it went quiet, then at the resend timer's pace: presence is a hint
     /// (anyone can publish it), never a reason to hold traffic for long.
     pub offline_probe_ms: u64,
+    /// A peer asleep on an on-demand link (see [`Event::Asleep`]) is expected back
+    /// at its next poll plus this, or a tenth of its poll interval if that is more,
+    /// before frames in flight to it are sent again.
+    pub asleep_grace_ms: u64,
 }
 
 impl Default for DeliveryConfig {
@@ -52,6 +56,7 @@ impl Default for DeliveryConfig {
             hold_ms: 100,
             hold_max: 32,
             offline_probe_ms: 30_000,
+            asleep_grace_ms: 60_000,
         }
     }
 }
@@ -66,6 +71,19 @@ pub enum Event {
     Presence {
         peer: Name,
         online: bool,
+    },
+    /// The peer is asleep on an on-demand link: it polls every `every_ms` and is
+    /// next expected at `until_ms`; its broker session holds what we publish
+    /// meanwhile. New frames still go at once (they wait there for its poll), but
+    /// frames already sent are not sent again before it is expected back (plus
+    /// `asleep_grace_ms`), nor when our own link reconnects: each copy would be
+    /// one more duplicate the peer downloads on its poll. A peer that misses its
+    /// poll gets one resend per poll interval. Any frame from the peer, or its
+    /// presence turning online, ends this, as it ends `offline`.
+    Asleep {
+        peer: Name,
+        until_ms: u64,
+        every_ms: u64,
     },
     /// Publishing to this peer failed: what was handed out was not sent.
     Unsent {
@@ -131,6 +149,17 @@ pub enum Event {
     },
 }
 
+/// What still needs the link (see [`Delivery::outstanding`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Outstanding {
+    /// Frames or acknowledgements that go as soon as the link can take them, to
+    /// peers that can be sent to now (synchronised, not said to be offline).
+    pub unsent: bool,
+    /// Frames sent to a peer that is up (not offline, not asleep) and not yet
+    /// acknowledged: its acknowledgement should come soon.
+    pub unacked: bool,
+}
+
 /// What the caller should do now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -177,6 +206,11 @@ struct PendingAck {
 enum Presence {
     Online,
     Offline,
+    /// On an on-demand link, back at `until_ms` (see [`Event::Asleep`]).
+    Asleep {
+        until_ms: u64,
+        every_ms: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -210,8 +244,11 @@ impl Delivery {
         match event {
             Event::Connected => {
                 self.connected = true;
-                for s in self.out.values_mut() {
-                    rewind(s, self.cfg.rto_min_ms);
+                for ((peer, _), s) in &mut self.out {
+                    // What an asleep peer was sent waits in its broker session.
+                    if !matches!(self.presence.get(peer), Some(Presence::Asleep { .. })) {
+                        rewind(s, self.cfg.rto_min_ms);
+                    }
                 }
             }
             Event::Disconnected => self.connected = false,
@@ -228,6 +265,16 @@ impl Delivery {
                 online: false,
             } => {
                 self.presence.insert(peer, Presence::Offline);
+            }
+            Event::Asleep {
+                peer,
+                until_ms,
+                every_ms,
+            } => {
+                let every_ms = every_ms.max(1);
+                self.presence
+                    .insert(peer, Presence::Asleep { until_ms, every_ms });
+                self.hold_asleep();
             }
             Event::Enqueued {
                 peer,
@@ -438,6 +485,9 @@ impl Delivery {
         }
         sends.sort_by_key(|(class, _)| *class);
         actions.extend(sends.into_iter().map(|(_, a)| a));
+        // After the resends above: one that was overdue went once, and waits again.
+        self.wake_overdue(now_ms);
+        self.hold_asleep();
         actions
     }
 
@@ -492,11 +542,40 @@ impl Delivery {
     /// its broker session usually redelivers them and resending would double them.
     fn heard_from(&mut self, peer: &Name, now_ms: u64) {
         let before = self.presence.insert(peer.clone(), Presence::Online);
-        if before == Some(Presence::Offline) {
+        if matches!(before, Some(Presence::Offline | Presence::Asleep { .. })) {
             for ((p, _), s) in &mut self.out {
                 if p == peer {
                     s.rto_ms = self.cfg.rto_min_ms;
                     s.deadline_ms = (s.sent > s.acked).then_some(now_ms + self.cfg.online_grace_ms);
+                }
+            }
+        }
+    }
+
+    /// Frames in flight to an asleep peer wait until it is expected back (see
+    /// [`Event::Asleep`]).
+    fn hold_asleep(&mut self) {
+        for ((peer, _), s) in &mut self.out {
+            let Some(&Presence::Asleep { until_ms, every_ms }) = self.presence.get(peer) else {
+                continue;
+            };
+            if s.sent > s.acked {
+                let back = until_ms + asleep_grace(&self.cfg, every_ms);
+                s.deadline_ms = Some(s.deadline_ms.map_or(back, |d| d.max(back)));
+            }
+        }
+    }
+
+    /// An asleep peer that missed its poll (and grace) is expected at the next
+    /// one: what was in flight to it went once more (the caller's poll), and
+    /// waits again.
+    fn wake_overdue(&mut self, now_ms: u64) {
+        for p in self.presence.values_mut() {
+            if let Presence::Asleep { until_ms, every_ms } = p {
+                let grace = asleep_grace(&self.cfg, *every_ms);
+                if now_ms >= *until_ms + grace {
+                    let missed = (now_ms - *until_ms - grace) / *every_ms + 1;
+                    *until_ms += missed * *every_ms;
                 }
             }
         }
@@ -540,10 +619,49 @@ impl Delivery {
         self.out.keys().any(|(p, _)| p == peer) || self.acks.keys().any(|(p, _)| p == peer)
     }
 
+    /// What still needs the link, for an on-demand link deciding whether it may
+    /// hang up: see [`Outstanding`].
+    pub fn outstanding(&self) -> Outstanding {
+        let mut o = Outstanding::default();
+        for ((peer, lane), s) in &self.out {
+            if !self.synced.contains(peer) {
+                continue;
+            }
+            let window = if lane.class() == LaneClass::Bulk {
+                self.cfg.bulk_window
+            } else {
+                self.cfg.window
+            };
+            // A full window waits for acknowledgements, not for the link; a
+            // stream the gate stopped waits for its time (or the next poll).
+            let limit = if s.gated_until_ms.is_some() {
+                s.sent
+            } else {
+                s.last.min(s.acked + window)
+            };
+            match self.presence.get(peer) {
+                // Held until the probe: nothing goes now.
+                Some(Presence::Offline) => {}
+                // New frames go at once; nothing comes back before its poll.
+                Some(Presence::Asleep { .. }) => o.unsent |= s.sent < limit,
+                Some(Presence::Online) | None => {
+                    o.unsent |= s.sent < limit;
+                    o.unacked |= s.sent > s.acked;
+                }
+            }
+        }
+        o.unsent |= self.acks.keys().any(|(p, _)| self.synced.contains(p));
+        o
+    }
+
     /// Streams with unacknowledged frames: (peer, lane, acked, last).
     pub fn backlog(&self) -> impl Iterator<Item = (&Name, &Lane, u64, u64)> {
         self.out.iter().map(|((p, l), s)| (p, l, s.acked, s.last))
     }
+}
+
+fn asleep_grace(cfg: &DeliveryConfig, every_ms: u64) -> u64 {
+    cfg.asleep_grace_ms.max(every_ms / 10)
 }
 
 fn rewind(s: &mut Out, rto_min_ms: u64) {
@@ -1008,6 +1126,158 @@ mod tests {
                 send("a", "bulk", 1, 1),
             ]
         );
+    }
+
+    fn asleep(d: &mut Delivery, peer: &str, until_ms: u64, every_ms: u64, now: u64) {
+        d.handle(
+            Event::Asleep {
+                peer: n(peer),
+                until_ms,
+                every_ms,
+            },
+            now,
+        );
+    }
+
+    fn enqueue(d: &mut Delivery, peer: &str, first_seq: u64, last_seq: u64, now: u64) {
+        d.handle(
+            Event::Enqueued {
+                peer: n(peer),
+                lane: l("ordered"),
+                first_seq,
+                last_seq,
+            },
+            now,
+        );
+    }
+
+    const POLL: u64 = 1_800_000;
+
+    #[test]
+    fn an_asleep_peer_gets_new_frames_at_once_and_no_resend_before_its_poll() {
+        let mut d = connected();
+        let until = 600_000;
+        // Its grace is a tenth of its poll interval, three minutes here.
+        let back = until + POLL / 10;
+        asleep(&mut d, "a", until, POLL, 0);
+        enqueue(&mut d, "a", 1, 2, 0);
+        // The first copy goes: the peer's broker session holds it for the poll.
+        assert_eq!(d.poll(0), vec![send("a", "ordered", 1, 2)]);
+        assert_eq!(d.next_wakeup(), Some(back));
+        // Not at the resend timer's pace, nor at the offline probe's.
+        for t in [10_000, 30_000, 599_999, back - 1] {
+            assert_eq!(d.poll(t), vec![], "at {t}");
+        }
+        // Our own reconnect sends nothing again either: it waits in the session.
+        d.handle(Event::Disconnected, 100_000);
+        d.handle(Event::Connected, 100_001);
+        assert_eq!(d.poll(100_001), vec![]);
+        // More frames queued meanwhile go, once.
+        enqueue(&mut d, "a", 3, 3, 200_000);
+        assert_eq!(d.poll(200_000), vec![send("a", "ordered", 3, 3)]);
+        assert_eq!(d.poll(200_001), vec![]);
+        assert_eq!(
+            d.outstanding(),
+            Outstanding {
+                unsent: false,
+                unacked: false
+            },
+            "nothing that an asleep peer answers holds our link"
+        );
+    }
+
+    #[test]
+    fn an_asleep_peer_that_misses_its_poll_gets_one_resend_per_interval() {
+        let mut d = connected();
+        let until = 600_000;
+        let back = until + POLL / 10;
+        asleep(&mut d, "a", until, POLL, 0);
+        enqueue(&mut d, "a", 1, 1, 0);
+        assert_eq!(d.poll(0), vec![send("a", "ordered", 1, 1)]);
+        assert_eq!(d.poll(back), vec![send("a", "ordered", 1, 1)]);
+        // Expected at its next poll now: nothing more until then.
+        assert_eq!(d.next_wakeup(), Some(back + POLL));
+        assert_eq!(d.poll(back + 60_000), vec![]);
+        assert_eq!(d.poll(back + POLL - 1), vec![]);
+        assert_eq!(d.poll(back + POLL), vec![send("a", "ordered", 1, 1)]);
+    }
+
+    #[test]
+    fn an_asleep_peer_is_awake_again_when_it_is_heard_from() {
+        for wake in ["presence", "frame"] {
+            let mut d = connected();
+            asleep(&mut d, "a", 600_000, POLL, 0);
+            enqueue(&mut d, "a", 1, 2, 0);
+            assert_eq!(d.poll(0), vec![send("a", "ordered", 1, 2)]);
+            let t = 5_000;
+            match wake {
+                "presence" => d.handle(
+                    Event::Presence {
+                        peer: n("a"),
+                        online: true,
+                    },
+                    t,
+                ),
+                _ => d.handle(
+                    Event::Received {
+                        peer: n("a"),
+                        lane: l("ordered"),
+                        watermark: 1,
+                        duplicate: false,
+                    },
+                    t,
+                ),
+            }
+            // Its session usually redelivers: the grace first, then a resend.
+            let grace = DeliveryConfig::default().online_grace_ms;
+            let out = d.poll(t + grace);
+            assert!(out.contains(&send("a", "ordered", 1, 2)), "{wake}: {out:?}");
+            assert_eq!(
+                d.outstanding(),
+                Outstanding {
+                    unsent: false,
+                    unacked: true
+                },
+                "{wake}"
+            );
+        }
+    }
+
+    #[test]
+    fn outstanding_counts_what_the_link_still_has_to_carry() {
+        let mut d = connected();
+        assert_eq!(d.outstanding(), Outstanding::default());
+        enqueue(&mut d, "a", 1, 1, 0);
+        assert!(d.outstanding().unsent);
+        d.poll(0);
+        assert_eq!(
+            d.outstanding(),
+            Outstanding {
+                unsent: false,
+                unacked: true
+            }
+        );
+        // A peer said to be offline holds nothing up: its frames wait for the probe.
+        d.handle(
+            Event::Presence {
+                peer: n("a"),
+                online: false,
+            },
+            1,
+        );
+        enqueue(&mut d, "a", 2, 2, 1);
+        assert_eq!(d.outstanding(), Outstanding::default());
+        // An acknowledgement owed goes as soon as it can.
+        d.handle(
+            Event::Received {
+                peer: n("b"),
+                lane: l("ordered"),
+                watermark: 1,
+                duplicate: false,
+            },
+            2,
+        );
+        assert!(d.outstanding().unsent);
     }
 
     #[test]

@@ -13,14 +13,15 @@
 //! - [`facts`]: facts about a node, when a change is worth sending, the change;
 //!   [`facts::collect`] reads them from the system and `facts_dir`.
 //! - [`files`]: file ids, landing paths, chunked reads and writes, verification.
-//! - [`link`]: the MQTT connection to the broker; the only module that knows rumqttc
-//!   and tokio.
+//! - [`link`]: the MQTT connection to the broker (kept up, or idle between polls
+//!   for an on-demand link); the only module that knows rumqttc and tokio.
 //! - [`seal`]: sealed payloads (X25519, HKDF, ChaCha20-Poly1305) and the replay
 //!   window; pure.
 //! - [`session`]: per-peer store epochs, opening and sealing, replay windows; pure.
 //! - [`trust`]: key files, the trust file and per-sender authorisation.
 //! - [`control`]: the local unix-socket protocol used by the CLI.
-//! - [`agent`]: the event loop that wires node, link, exec and the control socket.
+//! - [`agent`]: the event loop that wires node, link, exec and the control socket;
+//!   `agent/demand.rs` decides when an on-demand link connects and hangs up.
 //! - [`demo`]: `outpost demo`, the whole system on one machine.
 //! - [`config`]: the validated configuration (file, then flags).
 //! - [`cli`]: argh flag structs; no I/O.

@@ -98,6 +98,11 @@ impl Agent {
         if let Some(e) = &self.last_error {
             f.insert("link.last_error".into(), e.chars().take(200).collect());
         }
+        f.insert("link.mode".into(), self.cfg.link.as_str().into());
+        if self.demand.on_demand() {
+            let poll = crate::config::format_duration(self.cfg.poll);
+            f.insert("link.poll".into(), poll);
+        }
         if let Ok(c) = self.node.store().counts() {
             f.insert("queue.outbox".into(), c.outbox.to_string());
             f.insert("queue.inbox".into(), c.inbox.to_string());

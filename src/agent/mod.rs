@@ -5,7 +5,7 @@
 //! `drive` after every one); [`commands`] is each method's side (validate,
 //! authorise, start, result); [`requests`] answers the control socket; [`files`]
 //! moves files; [`session`] keeps trust, presence and rejection counts; [`os`] is
-//! clocks, signals, the state directory.
+//! clocks, signals, the state directory; [`demand`] is the on-demand link.
 //!
 //! Threads: this loop owns the [`Node`] (and so SQLite) on the thread that calls
 //! [`run`]; the link runs rumqttc on its own thread; the control socket and running
@@ -30,6 +30,7 @@ use crate::trust::Trust;
 use crate::{debug, error, info, warn};
 
 mod commands;
+mod demand;
 mod errors;
 mod facts;
 mod files;
@@ -168,7 +169,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         subscriptions: vec![cfg.inbox_topic(&cfg.name)],
         will: Some(Retained {
             topic: presence.clone(),
-            payload: b"offline".to_vec(),
+            payload: demand::will(&cfg),
         }),
         on_connect: vec![Retained {
             topic: presence,
@@ -190,6 +191,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         max_rows: cfg.retention_jobs,
     };
     let mut agent = Agent {
+        demand: demand::Demand::new(&cfg),
         pruning: retention::Pruning::new(keep, now_ms()),
         trust: Trust::default(),
         trust_stamp: None,
@@ -281,6 +283,8 @@ struct Agent {
     pruning: retention::Pruning,
     /// Where the link's bytes went, not yet stored (`usage.rs`).
     ledger: usage::Ledger,
+    /// When an on-demand link connects and hangs up.
+    demand: demand::Demand,
 }
 
 impl Agent {
@@ -324,6 +328,9 @@ impl Agent {
             let d = Duration::from_millis(t.saturating_sub(now));
             wake = Some(wake.map_or(d, |w| w.min(d)));
         }
+        if let Some(d) = self.demand_wake() {
+            wake = Some(wake.map_or(d, |w| w.min(d)));
+        }
         if self.node.files_active() {
             // Transfers and expiring files are swept by the clock, not by events.
             let d = Duration::from_secs(2);
@@ -346,6 +353,9 @@ impl Agent {
     fn handle(&mut self, msg: Msg) {
         let now = now_ms();
         self.node.tick(mono_now(self.boot));
+        if let Msg::Link(event) = &msg {
+            self.demand_saw(event);
+        }
         match msg {
             Msg::Link(LinkEvent::Connected { .. }) => {
                 self.link_since_ms = now;
@@ -361,6 +371,12 @@ impl Agent {
                 self.node.on_disconnected(now);
             }
             Msg::Link(LinkEvent::Published) => {}
+            Msg::Link(LinkEvent::Idle) => {
+                if self.node.is_connected() {
+                    self.link_since_ms = now;
+                }
+                self.node.on_disconnected(now);
+            }
             Msg::Link(LinkEvent::Poisoned { size }) => {
                 self.poisoned = Some((now, size));
             }
@@ -555,14 +571,7 @@ impl Agent {
         if !self.node.trusts(&peer) {
             return;
         }
-        let online = match payload {
-            b"online" => true,
-            b"offline" => false,
-            _ => return,
-        };
-        if let Err(e) = self.node.on_presence(peer.clone(), online, now) {
-            error!("cannot record presence of {peer}: {e}");
-        }
+        self.on_peer_presence(peer, payload, now);
     }
 
     /// Publishes what delivery wants sent, starts what is runnable, answers waiters.
@@ -642,6 +651,7 @@ impl Agent {
             self.write_outputs(self.changed_jobs.all, &ids);
         }
         self.answer_waiters();
+        self.demand_step(now);
     }
 
     /// Takes everything runnable, in one store batch (`Node::begin_batch`)

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use super::requests::glob;
 use super::Agent;
-use crate::control::reply::{LaneQueue, NodeError, NodeState, NodeView, NodesReply};
+use crate::control::reply::{LaneQueue, NodeError, NodeState, NodeView, NodesReply, PollView};
 use crate::facts::Selector;
 use crate::frame::Name;
 
@@ -36,6 +36,7 @@ impl Agent {
         let oldest = store.oldest_unacked().map_err(e)?;
         let events = store.last_events().map_err(e)?;
         let running = store.running_targets().map_err(e)?;
+        let polls = store.polls().map_err(e)?;
         let mut out = Vec::new();
         for name in self.trust.peers.keys().filter(|n| **n != self.cfg.name) {
             let rec = records.get(name);
@@ -69,6 +70,10 @@ impl Agent {
                 last_error: events.get(name).map(|(at_ms, text)| NodeError {
                     at_ms: *at_ms,
                     text: text.clone(),
+                }),
+                poll: polls.get(name).map(|p| PollView {
+                    every_s: p.every_ms / 1000,
+                    next_ms: p.next_ms,
                 }),
                 facts: rec.map(|r| r.facts.clone()).unwrap_or_default(),
             });

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::commands::{command_of, result_view};
-use super::{Agent, MAX_WAITERS};
+use super::{demand, now_ms, Agent, MAX_WAITERS};
 use crate::control::reply::{
     CancelReply, CancelView, InboxStatus, JobReply, JobView, JobsReply, LinkStatus, NodeReply,
     OutboxStatus, PeerStatus, Poisoned, PurgeReply, QueueItem, QueueReply, Queued, Reply,
@@ -417,14 +417,16 @@ impl Agent {
                 what.join(" ")
             ));
         }
+        let polls = self.node.store().polls().map_err(|e| e.to_string())?;
         for name in &targets {
             match peers.iter().find(|(n, _, _)| n == name) {
                 None => notes.push(format!(
                     "{name} has never been seen; queued until it connects"
                 )),
-                Some((_, false, _)) => {
-                    notes.push(format!("{name} is offline; queued until it returns"));
-                }
+                Some((_, false, _)) => match polls.get(name) {
+                    Some(p) => notes.push(demand::away_note(name, p, now_ms())),
+                    None => notes.push(format!("{name} is offline; queued until it returns")),
+                },
                 Some(_) => {}
             }
         }
@@ -514,6 +516,8 @@ impl Agent {
                     size,
                     what: "the broker sent a message larger than max_packet; the link reconnected with a clean session and presence is off until the agent restarts".into(),
                 }),
+                mode: self.cfg.link.as_str().into(),
+                next_poll_ms: self.next_poll_ms(now),
             },
             store: StoreStatus {
                 used,

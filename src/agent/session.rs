@@ -58,9 +58,11 @@ impl Agent {
     }
 
     /// Presence of this node and of every trusted peer: nothing of the rest of the
-    /// fleet is downloaded.
+    /// fleet is downloaded. An on-demand node skips its own (see `demand.rs`).
     pub(super) fn subscribe_presence(&self) {
-        let topics = std::iter::once(&self.cfg.name)
+        let own = (!self.demand.on_demand()).then_some(&self.cfg.name);
+        let topics = own
+            .into_iter()
             .chain(self.trust.peers.keys())
             .map(|n| self.cfg.presence_topic(n))
             .collect();

@@ -98,6 +98,16 @@ pub struct AgentArgs {
     /// (repeat for several)
     #[argh(option)]
     pub link_window: Vec<String>,
+    /// always (default) or on-demand: connect only to send, to poll, and while
+    /// traffic flows
+    #[argh(option)]
+    pub link: Option<String>,
+    /// on-demand: the longest the link stays down between polls (default 30m)
+    #[argh(option)]
+    pub poll: Option<String>,
+    /// on-demand: how long a quiet link stays up before it hangs up (default 30s)
+    #[argh(option)]
+    pub linger: Option<String>,
 }
 
 impl AgentArgs {
@@ -132,6 +142,9 @@ impl AgentArgs {
             budget: (!self.budget.is_empty()).then(|| self.budget.clone()),
             peer_budgets: None,
             link_windows: (!self.link_window.is_empty()).then(|| self.link_window.clone()),
+            link: self.link.clone(),
+            poll: self.poll.clone(),
+            linger: self.linger.clone(),
         }
     }
 }

@@ -8,8 +8,8 @@ use argh::FromArgs;
 use super::jobs::age;
 use super::send::print_json_pretty;
 use super::{client_args, Common};
-use crate::config::format_size;
-use crate::control::reply::NodeView;
+use crate::config::{format_duration, format_size, format_utc};
+use crate::control::reply::{NodeState, NodeView, PollView};
 use crate::control::Select;
 
 client_args! {
@@ -79,7 +79,7 @@ pub(super) fn run(args: NodesArgs) -> Result<ExitCode, String> {
     }
     let now = crate::agent::now_ms();
     println!(
-        "{:<20} {:<16} {:>9}  {:<24} {:<8} {:<9} {:>6} {:>7}",
+        "{:<20} {:<16} {:>9}  {:<24} {:<8} {:<9} {:>6} {:>7}  polls",
         "node", "state", "last seen", "os", "arch", "version", "queued", "running"
     );
     for n in &nodes {
@@ -97,8 +97,12 @@ pub(super) fn run(args: NodesArgs) -> Result<ExitCode, String> {
             _ => "-".into(),
         };
         let queued: u64 = n.outbox.iter().map(|q| q.frames).sum();
+        let polls = n
+            .poll
+            .as_ref()
+            .map_or("-".to_string(), |p| polls(p, n.state, now));
         println!(
-            "{:<20} {:<16} {:>9}  {:<24} {:<8} {:<9} {:>6} {:>7}",
+            "{:<20} {:<16} {:>9}  {:<24} {:<8} {:<9} {:>6} {:>7}  {}",
             n.name,
             state,
             seen,
@@ -106,10 +110,21 @@ pub(super) fn run(args: NodesArgs) -> Result<ExitCode, String> {
             fact("arch"),
             fact("outpost.version"),
             queued,
-            n.running
+            n.running,
+            polls
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `every 30m, next 14:30 UTC`: how an on-demand node polls (its next poll only
+/// while it is away).
+fn polls(p: &PollView, state: NodeState, now: u64) -> String {
+    let every = format_duration(std::time::Duration::from_secs(p.every_s));
+    match state {
+        NodeState::Online => format!("every {every}"),
+        _ => format!("every {every}, next {}", format_utc(p.next_ms, now)),
+    }
 }
 
 /// One node for people: what the registry knows, then every fact.
@@ -130,6 +145,9 @@ fn print_node(n: &NodeView) {
         None => println!("state      {}", n.state.as_str()),
     }
     println!("last seen  {}", ago(n.last_seen_ms));
+    if let Some(p) = &n.poll {
+        println!("link       on-demand, {}", polls(p, n.state, now));
+    }
     println!(
         "facts      {}",
         ago(n.facts_ms).replace("never", "none yet")

@@ -20,13 +20,20 @@ pub(super) fn run(args: StatusArgs) -> Result<ExitCode, String> {
         return Ok(ExitCode::SUCCESS);
     }
     let link = &s.link;
-    let state = if link.connected {
-        "connected"
-    } else {
-        "disconnected"
+    let state = match (link.connected, link.next_poll_ms) {
+        (true, _) => "connected".to_string(),
+        // An on-demand link between polls.
+        (false, Some(next)) => format!(
+            "idle (next poll {})",
+            config::format_utc(next, crate::agent::now_ms())
+        ),
+        (false, None) => "disconnected".to_string(),
     };
     println!("node     {} (outpost {})", s.node, s.version);
-    println!("broker   {} — {state} for {}s", s.broker, link.for_s);
+    println!(
+        "broker   {} — {state} for {}s ({} link)",
+        s.broker, link.for_s, link.mode
+    );
     if let Some(e) = &link.last_error {
         println!("error    {e}");
     }

@@ -321,6 +321,10 @@ pub struct LinkStatus {
     /// `on`, or `off` after an oversized message (see `poisoned`).
     pub presence: String,
     pub poisoned: Option<Poisoned>,
+    /// `always` or `on-demand`.
+    pub mode: String,
+    /// An on-demand link that hung up: when it polls next, at the latest.
+    pub next_poll_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -579,7 +583,17 @@ pub struct NodeView {
     pub running: u64,
     /// The latest event about it (a lost or discarded frame).
     pub last_error: Option<NodeError>,
+    /// How it polls, when its presence said it is on an on-demand link.
+    pub poll: Option<PollView>,
     pub facts: BTreeMap<String, String>,
+}
+
+/// An on-demand node's polls, as its presence said (a hint).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PollView {
+    pub every_s: u64,
+    /// When it is next expected (its clock).
+    pub next_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -942,6 +956,8 @@ mod tests {
                 last_error: None,
                 presence: "on".into(),
                 poisoned: None,
+                mode: "always".into(),
+                next_poll_ms: None,
             },
             store: StoreStatus {
                 used: 10,
@@ -1006,12 +1022,12 @@ mod tests {
             },
         };
         let line = String::from_utf8(Reply::Status(Box::new(s)).to_line()).unwrap();
-        assert!(line.starts_with("{\"ok\":true,\"node\":\"central\",\"version\":\"0.1.0\",\"broker\":\"mqtt://127.0.0.1:1883\",\"link\":{\"connected\":true,\"since_ms\":1,\"for_s\":2,\"last_error\":null,\"presence\":\"on\",\"poisoned\":null},\"store\":{\"used\":10,\"quota\":20,\"quarantined\":0,\"events\":0,\"epoch\":\"00000000000000ab\",\"lost\":null,\"failing\":null,\"retention\":{\"keep_s\":2592000,\"keep_rows\":100000,\"last_pass_ms\":1763800000000,\"last\":{\"jobs\":2,\"results\":2,\"journal\":0,\"events\":0,\"quarantine\":0,\"transfers\":0,\"errors\":0},\"since_start\":{\"jobs\":5,\"results\":5,\"journal\":1,\"events\":0,\"quarantine\":0,\"transfers\":0,\"errors\":0},\"pages_used\":40,\"pages_free\":8}},\"outbox\":[],\"inbox\":[],\"running\":[{\"peer\":\"central\",\"lane\":\"ordered\",\"seq\":4,\"method\":\"http-get\",\"for_s\":3}],\"peers\":[],\"security\":{"), "{line}");
+        assert!(line.starts_with("{\"ok\":true,\"node\":\"central\",\"version\":\"0.1.0\",\"broker\":\"mqtt://127.0.0.1:1883\",\"link\":{\"connected\":true,\"since_ms\":1,\"for_s\":2,\"last_error\":null,\"presence\":\"on\",\"poisoned\":null,\"mode\":\"always\",\"next_poll_ms\":null},\"store\":{\"used\":10,\"quota\":20,\"quarantined\":0,\"events\":0,\"epoch\":\"00000000000000ab\",\"lost\":null,\"failing\":null,\"retention\":{\"keep_s\":2592000,\"keep_rows\":100000,\"last_pass_ms\":1763800000000,\"last\":{\"jobs\":2,\"results\":2,\"journal\":0,\"events\":0,\"quarantine\":0,\"transfers\":0,\"errors\":0},\"since_start\":{\"jobs\":5,\"results\":5,\"journal\":1,\"events\":0,\"quarantine\":0,\"transfers\":0,\"errors\":0},\"pages_used\":40,\"pages_free\":8}},\"outbox\":[],\"inbox\":[],\"running\":[{\"peer\":\"central\",\"lane\":\"ordered\",\"seq\":4,\"method\":\"http-get\",\"for_s\":3}],\"peers\":[],\"security\":{"), "{line}");
         assert!(line.contains("\"trusted\":[{\"name\":\"ship1\",\"allow\":[\"exec\",\"files\"]}],\"rejected\":{\"replay\":2},\"last_rejected\":{}},"), "{line}");
         assert!(line.ends_with("\"traffic\":{\"today_up\":1200,\"today_down\":800,\"month_up\":5000,\"month_down\":3000,\"budgets\":[{\"scope\":\"node\",\"budget\":\"5MiB/day\",\"limit\":5242880,\"spent\":2000,\"period_end_ms\":1763856000000}],\"held\":[]}}\n"), "{line}");
     }
 
-    const NODE: &str = r#"{"name":"ship1","state":"online","since_ms":1763800000000,"last_seen_ms":1763800300000,"facts_ms":1763800000500,"outbox":[{"lane":"ordered","frames":2,"oldest_unacked_s":30}],"running":1,"last_error":null,"facts":{"arch":"mips","os":"openwrt","os.version":"23.05.3"}}"#;
+    const NODE: &str = r#"{"name":"ship1","state":"online","since_ms":1763800000000,"last_seen_ms":1763800300000,"facts_ms":1763800000500,"outbox":[{"lane":"ordered","frames":2,"oldest_unacked_s":30}],"running":1,"last_error":null,"poll":{"every_s":1800,"next_ms":1763802100000},"facts":{"arch":"mips","os":"openwrt","os.version":"23.05.3"}}"#;
 
     fn node() -> NodeView {
         NodeView {
@@ -1027,6 +1043,10 @@ mod tests {
             }],
             running: 1,
             last_error: None,
+            poll: Some(PollView {
+                every_s: 1800,
+                next_ms: 1763802100000,
+            }),
             facts: BTreeMap::from([
                 ("arch".to_string(), "mips".to_string()),
                 ("os".to_string(), "openwrt".to_string()),

@@ -61,6 +61,8 @@ pub fn rule(key: &str) -> Rule {
             frac: 0.05,
         },
         k if k.starts_with("queue.") => Rule::Decade,
+        // How the link is configured counts; its counters only ride along.
+        "link.mode" | "link.poll" => Rule::Exact,
         k if k.starts_with("link.") => Rule::Ride,
         _ => Rule::Exact,
     }

@@ -35,6 +35,11 @@
 //! honoured. A half-dead link is found by keepalive: rumqttc pings every
 //! `keepalive` and gives up when the previous ping is still unanswered, so within
 //! two keepalive periods.
+//!
+//! An on-demand link (the agent's `link = "on-demand"`) hangs up when told to
+//! ([`Link::go_idle`]: a farewell message, then a clean DISCONNECT, so the broker
+//! keeps the persistent session and holds what is published to us meanwhile) and
+//! connects again when woken ([`Link::wake`]); the rest is the same link.
 
 mod meter;
 mod run;
@@ -200,6 +205,9 @@ pub enum LinkEvent {
     Poisoned {
         size: usize,
     },
+    /// The link hung up because [`Link::go_idle`] asked, and stays down until
+    /// [`Link::wake`].
+    Idle,
 }
 
 /// Permission to PUBACK one received message; only valid on the connection it came on.
@@ -251,6 +259,8 @@ struct Inner {
     shared: Arc<Shared>,
     acks: smol::channel::Sender<AckToken>,
     stop: smol::channel::Sender<()>,
+    /// Idle and wake requests of the on-demand link.
+    demand: smol::channel::Sender<run::Demand>,
     max_packet: usize,
 }
 
@@ -295,6 +305,7 @@ impl Link {
         // unacked messages, so there are never more tokens than that.
         let (ack_tx, ack_rx) = smol::channel::unbounded();
         let (stop_tx, stop_rx) = smol::channel::bounded(1);
+        let (demand_tx, demand_rx) = smol::channel::unbounded();
         let max_packet = cfg.max_packet;
         let thread = run::Thread {
             cfg,
@@ -304,6 +315,7 @@ impl Link {
             events: event_tx,
             acks: ack_rx,
             stop: stop_rx,
+            demand: demand_rx,
         };
         std::thread::Builder::new()
             .name("outpost-link".into())
@@ -314,6 +326,7 @@ impl Link {
             shared,
             acks: ack_tx,
             stop: stop_tx,
+            demand: demand_tx,
             max_packet,
         };
         Ok((
@@ -434,6 +447,29 @@ impl Link {
     /// Disconnects cleanly (the broker discards the will) and ends the thread.
     pub fn stop(&self) {
         let _ = self.inner.stop.try_send(());
+    }
+
+    /// Hangs up (the on-demand link): publishes `farewell` retained with QoS 1
+    /// (the presence that says when this node is back), waits a few seconds at
+    /// most for the broker to take it and everything else in flight, then sends
+    /// DISCONNECT: the broker keeps the persistent session and queues what is
+    /// published to us, and discards the will. Messages that arrive meanwhile
+    /// are not acknowledged, so the broker hands them over again on the next
+    /// connect. The link then stays down ([`LinkEvent::Idle`]; `publish` fails
+    /// fast) until [`Link::wake`]. A link that is down anyway just stays down.
+    pub fn go_idle(&self, farewell: Vec<Retained>) {
+        let farewell = farewell
+            .into_iter()
+            .filter(|r| check_topic(&r.topic).is_ok())
+            .filter(|r| publish_size(&r.topic, r.payload.len()) <= self.inner.max_packet)
+            .collect();
+        let _ = self.inner.demand.try_send(run::Demand::Idle(farewell));
+    }
+
+    /// Connects again after [`Link::go_idle`]; does nothing to a link that is up
+    /// or connecting.
+    pub fn wake(&self) {
+        let _ = self.inner.demand.try_send(run::Demand::Wake);
     }
 }
 

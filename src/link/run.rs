@@ -1,4 +1,5 @@
-//! The link thread: drives rumqttc's event loop on tokio and reconnects forever.
+//! The link thread: drives rumqttc's event loop on tokio and reconnects forever
+//! (or, for the on-demand link, until it is told to go idle: `Thread::idle`).
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -13,7 +14,9 @@ use tokio::time::{sleep_until, timeout, Instant};
 
 use super::meter::Packet as Metered;
 use super::tls::{self, lower_first};
-use super::{connect_size, publish_size, subscribe_size, AckToken, LinkConfig, LinkEvent, Shared};
+use super::{
+    connect_size, publish_size, subscribe_size, AckToken, LinkConfig, LinkEvent, Retained, Shared,
+};
 use crate::{error, info, warn};
 
 /// First reconnect delay; doubles up to `backoff_cap`.
@@ -41,6 +44,16 @@ pub(super) struct Thread {
     pub events: smol::channel::Sender<LinkEvent>,
     pub acks: smol::channel::Receiver<AckToken>,
     pub stop: smol::channel::Receiver<()>,
+    pub demand: smol::channel::Receiver<Demand>,
+}
+
+/// What the on-demand link asks of the thread ([`super::Link::go_idle`],
+/// [`super::Link::wake`]).
+#[derive(Debug)]
+pub(super) enum Demand {
+    /// Publish these retained, disconnect cleanly, stay down.
+    Idle(Vec<Retained>),
+    Wake,
 }
 
 /// Why a connection ended, in words, and whether probing may cut the backoff short.
@@ -85,6 +98,18 @@ impl Thread {
             let polled = tokio::select! {
                 biased;
                 _ = self.stop.recv() => break,
+                demand = self.demand.recv() => match demand {
+                    Ok(Demand::Idle(farewell)) => {
+                        let was_up = up_since.take().is_some();
+                        if !self.idle(farewell, was_up).await {
+                            break;
+                        }
+                        outage = None;
+                        continue;
+                    }
+                    Ok(Demand::Wake) => continue,
+                    Err(_) => break,
+                },
                 polled = self.eventloop.poll() => polled,
             };
             let event = match polled {
@@ -180,6 +205,14 @@ impl Thread {
                     tokio::select! {
                         biased;
                         _ = self.stop.recv() => break,
+                        Ok(Demand::Idle(_)) = self.demand.recv() => {
+                            // Down anyway: no farewell can go.
+                            if !self.idle(Vec::new(), false).await {
+                                break;
+                            }
+                            outage = None;
+                            continue;
+                        }
                         _ = wait_for_retry(delay, probe) => continue,
                     }
                 }
@@ -372,6 +405,60 @@ impl Thread {
     /// Counts one MQTT packet (the wire is read after every event).
     fn count(&self, kind: Metered, up: bool, n: usize) {
         lock(&self.shared.meter).packet(kind, up, n as u64);
+    }
+
+    /// The on-demand link's hang-up (see [`super::Link::go_idle`]): the farewell
+    /// and whatever else is in flight are given [`STOP_TIMEOUT`] to be taken by
+    /// the broker, then DISCONNECT; what rumqttc still holds is dropped (the
+    /// caller's store resends it, as after a lost connection). Waits to be woken;
+    /// false when the link is to stop instead.
+    async fn idle(&mut self, farewell: Vec<Retained>, connected: bool) -> bool {
+        // Publishes fail fast from now on, and acks of this connection are void.
+        self.set_down();
+        if connected {
+            for retained in farewell {
+                let mut publish = Publish::new(retained.topic, QoS::AtLeastOnce, retained.payload);
+                publish.retain = true;
+                self.eventloop.pending.push_back(Request::Publish(publish));
+            }
+            let taken = timeout(STOP_TIMEOUT, async {
+                loop {
+                    let state = &self.eventloop.state;
+                    if self.eventloop.pending.is_empty() && state.inflight() == 0 {
+                        return true;
+                    }
+                    // Incoming messages stay unacknowledged: the broker
+                    // redelivers them on the next connect.
+                    if self.eventloop.poll().await.is_err() {
+                        return false;
+                    }
+                }
+            })
+            .await;
+            if taken == Ok(true) {
+                self.disconnect().await;
+            } else {
+                warn!("link hung up before the broker took the farewell");
+            }
+        }
+        lock(&self.shared.meter).disconnected();
+        self.eventloop.clean();
+        self.eventloop.pending.clear();
+        info!("link idle: down until there is something to send or the next poll");
+        if self.events.send(LinkEvent::Idle).await.is_err() {
+            return false;
+        }
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stop.recv() => return false,
+                demand = self.demand.recv() => match demand {
+                    Ok(Demand::Wake) => return true,
+                    Ok(Demand::Idle(_)) => {}
+                    Err(_) => return false,
+                },
+            }
+        }
     }
 
     fn set_down(&self) {

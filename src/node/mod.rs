@@ -47,7 +47,7 @@ pub use files::CHUNKS_AHEAD;
 
 use crate::budget::{self, Category, Gate};
 use crate::compress;
-use crate::delivery::{Action, Delivery, DeliveryConfig, Event};
+use crate::delivery::{Action, Delivery, DeliveryConfig, Event, Outstanding};
 use crate::frame::{self, Body, CmdResult, Envelope, Lane, Method, Name, Status};
 use crate::session::{Change, Refusal, Session};
 use crate::store::{
@@ -602,8 +602,47 @@ impl Node {
         Ok(())
     }
 
+    /// A peer's presence said it sleeps on an on-demand link until `next_ms` (its
+    /// clock; `None`: its last will, which knows only its interval) and polls
+    /// every `every_ms`. A hint anyone can forge, so it is bounded here: an
+    /// interval of at most a week, expected back at most one interval from now.
+    /// Delivery then holds resends for it until then (see `Event::Asleep`);
+    /// any frame from it ends that.
+    pub fn on_asleep(
+        &mut self,
+        peer: Name,
+        next_ms: Option<u64>,
+        every_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let every_ms = every_ms.clamp(1_000, 7 * 86_400_000);
+        let until_ms = next_ms.map_or(now_ms + every_ms, |t| t.min(now_ms + every_ms));
+        let polls = crate::store::Polls {
+            every_ms,
+            next_ms: until_ms,
+        };
+        self.store.set_asleep(&peer, polls, now_ms)?;
+        self.delivery.handle(
+            Event::Asleep {
+                peer,
+                until_ms,
+                every_ms,
+            },
+            now_ms,
+        );
+        Ok(())
+    }
+
     pub fn is_connected(&self) -> bool {
         self.delivery.is_connected()
+    }
+
+    /// What still needs the link (an on-demand link hangs up only without it):
+    /// delivery's view, with hellos, Syncs and nacks owed counted as unsent.
+    pub fn outstanding(&self) -> Outstanding {
+        let mut o = self.delivery.outstanding();
+        o.unsent |= !self.owed.is_empty() || !self.nacks.is_empty();
+        o
     }
 
     /// Takes in one payload from this node's inbox topic: opens it (a payload that

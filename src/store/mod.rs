@@ -23,7 +23,7 @@ pub use cancel::{CancelAt, Cancelled, Waiting};
 pub use errors::NodeError;
 pub use files::{bulk_lane, control_lane, HeldFile, Transfer};
 pub use output::JobOutput;
-pub use registry::{FactsSent, NodeRecord};
+pub use registry::{FactsSent, NodeRecord, Polls};
 pub use retention::{Pruned, Retention};
 pub use session::{PeerSession, SyncOutcome};
 pub use usage::UsageDelta;
@@ -1048,7 +1048,8 @@ impl Store {
         }))
     }
 
-    /// Records a peer's presence.
+    /// Records a peer's presence; a plain `offline` also forgets how it polled
+    /// (see [`Store::set_asleep`]).
     pub fn set_presence(
         &mut self,
         peer: &Name,
@@ -1057,7 +1058,9 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.change(
             "INSERT INTO peers (name, online, since_ms) VALUES (?1, ?2, ?3)
-             ON CONFLICT (name) DO UPDATE SET since_ms = CASE WHEN online = ?2 THEN since_ms ELSE ?3 END, online = ?2",
+             ON CONFLICT (name) DO UPDATE SET since_ms = CASE WHEN online = ?2 THEN since_ms ELSE ?3 END, online = ?2,
+             poll_every_ms = CASE WHEN ?2 THEN poll_every_ms END,
+             poll_next_ms = CASE WHEN ?2 THEN poll_next_ms END",
             params![peer.as_str(), online, now_ms as i64],
         )?;
         Ok(())

@@ -34,6 +34,17 @@ pub struct NodeRecord {
     pub facts: Snapshot,
 }
 
+/// How a peer on an on-demand link said it polls (its presence, see
+/// [`Store::set_asleep`]): a hint for scheduling and for people, never trusted
+/// for anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Polls {
+    pub every_ms: u64,
+    /// When it is next expected (its clock, as it said; or when its last will
+    /// came plus `every_ms`).
+    pub next_ms: u64,
+}
+
 fn encode(f: &Snapshot) -> Result<Vec<u8>, StoreError> {
     let pairs: Vec<(&String, &String)> = f.iter().collect();
     postcard::to_allocvec(&pairs).map_err(|e| StoreError::Invalid(format!("facts: {e}")))
@@ -149,6 +160,48 @@ impl Store {
             params![peer.as_str(), now_ms as i64],
         )?;
         Ok(())
+    }
+
+    /// Records that `peer` is offline until its next poll (an on-demand link).
+    pub fn set_asleep(&mut self, peer: &Name, polls: Polls, now_ms: u64) -> Result<(), StoreError> {
+        self.change(
+            "INSERT INTO peers (name, online, since_ms, poll_every_ms, poll_next_ms) VALUES (?1, 0, ?2, ?3, ?4)
+             ON CONFLICT (name) DO UPDATE SET since_ms = CASE WHEN online = 0 THEN since_ms ELSE ?2 END, online = 0,
+             poll_every_ms = ?3, poll_next_ms = ?4",
+            params![
+                peer.as_str(),
+                now_ms as i64,
+                polls.every_ms as i64,
+                polls.next_ms as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Peers on an on-demand link, with how they poll.
+    pub fn polls(&self) -> Result<BTreeMap<Name, Polls>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name, poll_every_ms, poll_next_ms FROM peers WHERE poll_every_ms IS NOT NULL",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+            ))
+        })?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let (n, every, next) = row?;
+            out.insert(
+                name(&n)?,
+                Polls {
+                    every_ms: every as u64,
+                    next_ms: next.unwrap_or(0) as u64,
+                },
+            );
+        }
+        Ok(out)
     }
 
     /// Every peer the registry has a record of.

@@ -308,6 +308,14 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (scope, budget)
     ) WITHOUT ROWID;
     ",
+    // 12 -> 13: on-demand links. A peer whose presence said it sleeps until its
+    // next poll (`offline next=T every=S`, or a last will `offline every=S`): its
+    // poll interval and when it is next expected, on its clock. Cleared by a plain
+    // `offline` (an always-on link's will); kept while it is online.
+    "
+    ALTER TABLE peers ADD COLUMN poll_every_ms INTEGER;
+    ALTER TABLE peers ADD COLUMN poll_next_ms INTEGER;
+    ",
 ];
 
 /// Brings the database to the newest version, one transaction per step.

@@ -340,6 +340,27 @@ fn quota_defers_received_frames_without_storing_them() {
 }
 
 #[test]
+fn an_asleep_peer_keeps_its_polls_while_online_and_a_plain_offline_forgets_them() {
+    let dir = TempDir::new("polls");
+    let mut s = open(&dir, "central", u64::MAX);
+    let polls = Polls {
+        every_ms: 1_800_000,
+        next_ms: 5_000_000,
+    };
+    s.set_asleep(&n("ship1"), polls, 1_000).unwrap();
+    assert_eq!(s.peers().unwrap(), vec![(n("ship1"), false, 1_000)]);
+    assert_eq!(s.polls().unwrap().get(&n("ship1")), Some(&polls));
+    // Back on its poll: online, and still a node that polls.
+    s.set_presence(&n("ship1"), true, 2_000).unwrap();
+    assert_eq!(s.polls().unwrap().get(&n("ship1")), Some(&polls));
+    s.set_asleep(&n("ship1"), polls, 3_000).unwrap();
+    assert_eq!(s.peers().unwrap(), vec![(n("ship1"), false, 3_000)]);
+    // An always-on link's will: it does not poll (any more).
+    s.set_presence(&n("ship1"), false, 4_000).unwrap();
+    assert!(s.polls().unwrap().is_empty());
+}
+
+#[test]
 fn migrations_set_user_version_and_a_newer_database_is_refused() {
     let dir = TempDir::new("migrate");
     let s = open(&dir, "a", u64::MAX);

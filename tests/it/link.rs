@@ -14,7 +14,7 @@ use crate::support::broker::Broker;
 use crate::support::mqtt::{publish, publish_retained, Capture};
 use crate::support::pki::{self, Ca, KeyForm};
 use crate::support::proxy::Proxy;
-use crate::support::{free_port, scaled, TempDir};
+use crate::support::{free_port, scaled, wait_until, TempDir};
 
 /// Generous: this runs on a loaded two-core machine (and is scaled by
 /// `OUTPOST_TEST_SLOW`).
@@ -199,6 +199,54 @@ fn stop_disconnects_cleanly_so_the_will_is_not_sent() {
     assert!(!link.is_connected());
     publish(&broker, "marker", b"after-stop", broker.dir());
     expect_next(&mut sub, "marker after-stop");
+}
+
+#[test]
+fn go_idle_says_farewell_hangs_up_cleanly_and_wake_fetches_what_was_queued() {
+    let broker = Broker::start();
+    let proxy = Proxy::start(broker.addr());
+    let mut sub = Capture::start_topics(&broker, &["node1/presence", "marker"]);
+    let mut cfg = config("node1", &proxy.url());
+    cfg.subscriptions = vec!["node1/in".into()];
+    cfg.will = Some(retained("node1/presence", "offline every=60"));
+    cfg.on_connect = vec![retained("node1/presence", "online")];
+    let (link, events) = Link::start(cfg).unwrap();
+    wait_connected(&events);
+    expect_next(&mut sub, "node1/presence online");
+
+    link.go_idle(vec![retained("node1/presence", "offline next=9 every=60")]);
+    wait_event(&events, |e| matches!(e, LinkEvent::Idle).then_some(()));
+    expect_next(&mut sub, "node1/presence offline next=9 every=60");
+    assert!(!link.is_connected());
+    assert!(matches!(
+        link.publish("x", b"1".to_vec()),
+        Err(LinkError::NotConnected)
+    ));
+    wait_until("the connection is closed", WAIT, || {
+        proxy.connections() == 0
+    });
+    // A clean DISCONNECT: the broker keeps the session and sends no will, so
+    // the marker is the next thing the capture sees.
+    publish(&broker, "node1/in", b"while-idle", broker.dir());
+    publish(&broker, "marker", b"m", broker.dir());
+    expect_next(&mut sub, "marker m");
+    assert_eq!(proxy.accepted(), 1, "an idle link stays down");
+
+    link.wake();
+    let session_present = wait_event(&events, |e| match e {
+        LinkEvent::Connected { session_present } => Some(session_present),
+        _ => None,
+    });
+    assert!(session_present);
+    expect_next(&mut sub, "node1/presence online");
+    link.ack(expect_message(&events, "node1/in", b"while-idle"));
+    // Waking a link that is up does nothing.
+    link.wake();
+    link.publish("node1/out", b"after".to_vec()).unwrap();
+    wait_event(&events, |e| matches!(e, LinkEvent::Published).then_some(()));
+    assert_eq!(proxy.accepted(), 2);
+    link.stop();
+    wait_closed(&events);
 }
 
 #[test]

@@ -15,6 +15,7 @@ mod facts;
 mod faults;
 mod files;
 mod link;
+mod ondemand;
 mod output;
 mod retention;
 mod security;

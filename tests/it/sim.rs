@@ -88,6 +88,7 @@ fn cfg(files: FilesConfig) -> NodeConfig {
             hold_ms: 30,
             hold_max: 4,
             offline_probe_ms: 1_000,
+            asleep_grace_ms: 1_000,
         },
         // Small payloads so batching splits often.
         max_payload: 700,
