@@ -8,6 +8,11 @@
 //!   keepalive), times the exchanges a day holds at the default keepalive, plus
 //!   the facts an idle node sends a day (one full set; measured: its first set),
 //!   plain and TLS, and the same for other keepalive settings;
+//! - an idle node with `link = "on-demand"` polling every 30 minutes, per day: the
+//!   bytes of one poll (connect, presence, hang-up; measured over 5 polls at a
+//!   10 s poll), times 48, plus the facts of a day;
+//! - 100 `exec` results of typical commands (`ps aux`, `df -h`, `dmesg`, `ip a`,
+//!   ...) on the node's link, compressed against `compress = false`;
 //! - one reconnect after a cut: TCP, TLS (resumed: rustls keeps the session
 //!   within the process), CONNECT, SUBSCRIBE, presence, until the link is quiet;
 //! - a 1 MiB/day budget while a 5 MiB file is fetched from the node and urgent
@@ -44,8 +49,10 @@ pub fn run(r: &mut Report, _opts: &Opts) {
     let pki = crate::wire::Pki::new();
     for tls in [false, true] {
         idle(r, tls, &pki);
+        on_demand(r, tls, &pki);
         reconnect(r, tls, &pki);
     }
+    compression(r);
     budget(r);
 }
 
@@ -222,6 +229,118 @@ fn idle(r: &mut Report, tls: bool, pki: &crate::wire::Pki) {
         per_day(600) / 1000.0,
         per_day(1200) / 1000.0
     ));
+}
+
+fn on_demand(r: &mut Report, tls: bool, pki: &crate::wire::Pki) {
+    const POLLS: u64 = 5;
+    let flags = ["--keepalive", "600s"];
+    let node_flags = ["--link", "on-demand", "--poll", "10s", "--linger", "1s"];
+    let p = if tls {
+        let (broker, addr) = pki.broker();
+        crate::wire::tls_pair_flags(broker, addr, pki, &flags, &node_flags)
+    } else {
+        let broker = Broker::start_stock("");
+        let proxy = Proxy::start(broker.addr());
+        let url = proxy.url();
+        Pair::assemble(broker, proxy, crate::rig::ALLOW, &flags, &url, &node_flags)
+    };
+    // The first connect (facts, the handshake) is not an idle poll.
+    wait_until("the node to hang up", LONG, || p.proxy.connections() == 0);
+    let cap = Capture::start(p.proxy.port(), p.tmp.path());
+    let first = p.proxy.accepted();
+    wait_until("5 idle polls", LONG, || {
+        p.proxy.accepted() >= first + POLLS && p.proxy.connections() == 0
+    });
+    let t = cap.stop();
+    let polls = p.proxy.accepted() - first;
+    let per_poll = t.bytes as f64 / polls as f64;
+    let facts = facts_bytes(&p.node) as f64;
+    r.add(
+        Figure::new(
+            SCENARIO,
+            &format!(
+                "idle node, link on-demand, polling every 30 min, per day ({})",
+                label(tls)
+            ),
+            (48.0 * per_poll + facts) / 1000.0,
+            "KB",
+        )
+        // Anchor: Mender's 30-minute polling.
+        .target(Target::AtMost(100.0)),
+    );
+    r.note(format!(
+        "8 cost ({}): one idle poll {:.0} B on the wire ({} packets in {polls} polls)",
+        label(tls),
+        per_poll,
+        t.packets
+    ));
+}
+
+/// Typical command outputs: what operators ask nodes for.
+const TYPICAL: &[&[&str]] = &[
+    &["uptime"],
+    &["free", "-m"],
+    &["df", "-h"],
+    &["ip", "a"],
+    &["ps", "aux"],
+    &["dmesg"],
+    &["tail", "-n", "200", "/var/log/dpkg.log"],
+    &["ls", "-l", "/usr/bin"],
+    &["cat", "/proc/cpuinfo"],
+    &["cat", "/proc/meminfo"],
+];
+
+fn compression(r: &mut Report) {
+    let on = exec_100(true);
+    let off = exec_100(false);
+    r.add(
+        Figure::new(
+            SCENARIO,
+            "100 exec results of typical commands, bytes on the node's link (plain)",
+            on.bytes as f64,
+            "B",
+        )
+        .against("compress = false", off.bytes as f64)
+        .target(Target::AtMost(0.6)),
+    );
+    r.note(format!(
+        "8 cost: 100 typical exec results: {} B in {} packets compressed, {} B in {} packets with compress = false",
+        on.bytes, on.packets, off.bytes, off.packets
+    ));
+}
+
+/// Bytes on the node's link while central sends 100 typical commands and they
+/// answer, the handshake before excluded.
+fn exec_100(compress: bool) -> Traffic {
+    let tmp = TempDir::new();
+    introduce(tmp.path(), "central", "node", "exec");
+    let config = tmp.path().join("outpost.toml");
+    std::fs::write(&config, format!("compress = {compress}\n")).unwrap();
+    let flags = ["--config", config.to_str().unwrap(), "--keepalive", "600s"];
+    let broker = Broker::start_stock("");
+    let proxy = Proxy::start(broker.addr());
+    let central = Agent::start_with("central", &broker.url(), tmp.path(), &flags);
+    let node = Agent::start_with("node", &proxy.url(), tmp.path(), &flags);
+    wait_until("central sees the node", LONG, || {
+        central.sees_online("node")
+    });
+    let first = central.send_exec("node", "ordered", &["true"], None);
+    wait_until("the first result", LONG, || {
+        !central.job(first)["targets"][0]["result"].is_null()
+    });
+    settle(&proxy, Duration::from_secs(1));
+    let cap = Capture::start(proxy.port(), tmp.path());
+    let jobs: Vec<i64> = (0..100)
+        .map(|i| central.send_exec("node", "ordered", TYPICAL[i % TYPICAL.len()], None))
+        .collect();
+    wait_until("100 results", LONG, || {
+        jobs.iter()
+            .all(|j| !central.job(*j)["targets"][0]["result"].is_null())
+    });
+    settle(&proxy, Duration::from_secs(1));
+    let t = cap.stop();
+    drop(node);
+    t
 }
 
 fn reconnect(r: &mut Report, tls: bool, pki: &crate::wire::Pki) {

@@ -521,17 +521,27 @@ fn tls_pair(broker: Broker, tls_addr: SocketAddr, pki: &Pki) -> Pair {
 
 /// As [`tls_pair`] with another keepalive.
 pub fn tls_pair_with(broker: Broker, tls_addr: SocketAddr, pki: &Pki, keepalive: &str) -> Pair {
+    tls_pair_flags(broker, tls_addr, pki, &["--keepalive", keepalive], &[])
+}
+
+/// As [`tls_pair`] with `flags` for both agents and `node_flags` for the node.
+pub fn tls_pair_flags(
+    broker: Broker,
+    tls_addr: SocketAddr,
+    pki: &Pki,
+    flags: &[&str],
+    node_flags: &[&str],
+) -> Pair {
     let proxy = Proxy::start(tls_addr);
     let ca = pki.ca.cert().to_str().expect("utf-8 path");
     let node_url = format!("mqtts://127.0.0.1:{}", proxy.port());
-    let flags = ["--keepalive", keepalive];
     Pair::assemble(
         broker,
         proxy,
         crate::rig::ALLOW,
-        &flags,
+        flags,
         &node_url,
-        &["--ca-file", ca],
+        &[&["--ca-file", ca][..], node_flags].concat(),
     )
 }
 
