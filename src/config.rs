@@ -50,6 +50,8 @@ pub struct FileConfig {
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    /// `"1.2,1.3"` (default), `"1.2"` or `"1.3"`.
+    pub tls_versions: Option<String>,
     pub files_dir: Option<PathBuf>,
     pub share_dirs: Option<Vec<PathBuf>>,
     pub chunk_size: Option<String>,
@@ -129,6 +131,7 @@ impl FileConfig {
             ca_file,
             client_cert,
             client_key,
+            tls_versions,
             files_dir,
             share_dirs,
             chunk_size,
@@ -230,6 +233,8 @@ pub struct Config {
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    #[serde(serialize_with = "versions")]
+    pub tls_versions: crate::link::TlsVersions,
     /// Received files land under `files_dir/SOURCE/`.
     pub files_dir: PathBuf,
     /// Directories whose files peers may fetch with `files get`.
@@ -268,6 +273,14 @@ fn display<S: serde::Serializer>(v: &BrokerUrl, s: S) -> Result<S::Ok, S::Error>
 
 fn secs<S: serde::Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&format_duration(*v))
+}
+
+fn versions<S: serde::Serializer>(v: &crate::link::TlsVersions, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match v {
+        crate::link::TlsVersions::Any => "1.2,1.3",
+        crate::link::TlsVersions::Only12 => "1.2",
+        crate::link::TlsVersions::Only13 => "1.3",
+    })
 }
 
 fn redact<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
@@ -388,6 +401,8 @@ impl Config {
             ca_file: raw.ca_file,
             client_cert: raw.client_cert,
             client_key: raw.client_key,
+            tls_versions: opt(raw.tls_versions.as_deref(), "tls_versions", str::parse)?
+                .unwrap_or_default(),
         })
     }
 

@@ -49,9 +49,11 @@ pub fn run(r: &mut Report, _opts: &Opts) {
     let pki = crate::wire::Pki::new();
     for tls in [false, true] {
         idle(r, tls, &pki);
-        on_demand(r, tls, &pki);
+        on_demand(r, tls, &pki, &[]);
         reconnect(r, tls, &pki);
     }
+    // What a link that connects for every poll saves with TLS 1.2's resumption.
+    on_demand(r, true, &pki, &["--tls-versions", "1.2"]);
     compression(r);
     budget(r);
 }
@@ -231,10 +233,16 @@ fn idle(r: &mut Report, tls: bool, pki: &crate::wire::Pki) {
     ));
 }
 
-fn on_demand(r: &mut Report, tls: bool, pki: &crate::wire::Pki) {
+fn on_demand(r: &mut Report, tls: bool, pki: &crate::wire::Pki, more: &[&str]) {
     const POLLS: u64 = 5;
     let flags = ["--keepalive", "600s"];
-    let node_flags = ["--link", "on-demand", "--poll", "10s", "--linger", "1s"];
+    let mut node_flags = vec!["--link", "on-demand", "--poll", "10s", "--linger", "1s"];
+    node_flags.extend_from_slice(more);
+    let what = if more.is_empty() {
+        label(tls).to_string()
+    } else {
+        format!("{}, {}", label(tls), more.join(" "))
+    };
     let p = if tls {
         let (broker, addr) = pki.broker();
         crate::wire::tls_pair_flags(broker, addr, pki, &flags, &node_flags)
@@ -269,8 +277,7 @@ fn on_demand(r: &mut Report, tls: bool, pki: &crate::wire::Pki) {
         .target(Target::AtMost(100.0)),
     );
     r.note(format!(
-        "8 cost ({}): one idle poll {:.0} B on the wire ({} packets in {polls} polls)",
-        label(tls),
+        "8 cost ({what}): one idle poll {:.0} B on the wire ({} packets in {polls} polls)",
         per_poll,
         t.packets
     ));

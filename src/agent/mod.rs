@@ -159,6 +159,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             ca_file: cfg.ca_file.clone(),
             client_cert: cfg.client_cert.clone(),
             client_key: cfg.client_key.clone(),
+            versions: cfg.tls_versions,
         },
         username: cfg.username.clone(),
         password: cfg.password.clone(),

@@ -90,6 +90,9 @@ pub struct AgentArgs {
     /// (default 100000)
     #[argh(option)]
     pub retention_jobs: Option<u64>,
+    /// TLS versions offered: 1.2,1.3 (default), 1.2 (smaller reconnects) or 1.3
+    #[argh(option)]
+    pub tls_versions: Option<String>,
     /// a budget of this node's link, e.g. 5MiB/day or 100MiB/month (repeat for
     /// several)
     #[argh(option)]
@@ -131,6 +134,7 @@ impl AgentArgs {
             ca_file: self.ca_file.clone(),
             client_cert: self.client_cert.clone(),
             client_key: self.client_key.clone(),
+            tls_versions: self.tls_versions.clone(),
             files_dir: self.files_dir.clone(),
             share_dirs: (!self.share_dir.is_empty()).then(|| self.share_dir.clone()),
             chunk_size: self.chunk_size.clone(),

@@ -148,6 +148,34 @@ pub struct TlsFiles {
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    pub versions: TlsVersions,
+}
+
+/// Which TLS versions the link offers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TlsVersions {
+    /// 1.3, and 1.2 for brokers without it.
+    #[default]
+    Any,
+    /// 1.2 only: its resumed handshakes are smaller (a TLS 1.3 server sends new
+    /// session tickets after every handshake), which a link that connects for
+    /// every poll pays each time.
+    Only12,
+    Only13,
+}
+
+impl FromStr for TlsVersions {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.replace(' ', "").as_str() {
+            "1.2,1.3" | "1.3,1.2" | "any" => Ok(TlsVersions::Any),
+            "1.2" => Ok(TlsVersions::Only12),
+            "1.3" => Ok(TlsVersions::Only13),
+            _ => Err(format!(
+                "unknown TLS versions {s:?} (expected \"1.2,1.3\", \"1.2\" or \"1.3\")"
+            )),
+        }
+    }
 }
 
 /// A retained QoS 1 message: the last will, or one published on every connect.

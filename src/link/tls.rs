@@ -7,7 +7,10 @@ use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{AlertDescription, CertificateError, ClientConfig, RootCertStore};
 
-use super::{LinkError, TlsFiles};
+use super::{LinkError, TlsFiles, TlsVersions};
+
+static ONLY_12: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+static ONLY_13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
 /// Builds the client config with the ring provider; file problems are reported now,
 /// not at the first connect.
@@ -26,7 +29,11 @@ pub(super) fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, LinkE
 
     let builder =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(match files.versions {
+                TlsVersions::Any => rustls::DEFAULT_VERSIONS,
+                TlsVersions::Only12 => ONLY_12,
+                TlsVersions::Only13 => ONLY_13,
+            })
             .map_err(|e| LinkError::Tls(describe(&e)))?
             .with_root_certificates(roots);
     let config = match (&files.client_cert, &files.client_key) {

@@ -75,6 +75,7 @@ fn tls_keys_load_in_pkcs8_rsa_and_sec1_form() {
             ca_file: Some(ca.cert().to_owned()),
             client_cert: Some(issued.cert),
             client_key: Some(issued.key),
+            ..TlsFiles::default()
         };
         let (link, events) = Link::start(cfg).unwrap_or_else(|e| panic!("{name}: {e}"));
         link.stop();
@@ -353,6 +354,7 @@ fn mutual_tls_connects_and_bad_certificates_are_reported() {
         ca_file: Some(ca.cert().to_owned()),
         client_cert: Some(client.cert.clone()),
         client_key: Some(client.key.clone()),
+        ..TlsFiles::default()
     };
     let tls_config = |host: &str, files: &TlsFiles| {
         let mut cfg = config("node1", &format!("mqtts://{host}:{}", broker.port()));
@@ -361,8 +363,22 @@ fn mutual_tls_connects_and_bad_certificates_are_reported() {
         cfg
     };
 
-    for host in ["127.0.0.1", "localhost"] {
-        let (link, events) = Link::start(tls_config(host, &good)).unwrap();
+    // Either version alone connects as well.
+    let only12 = TlsFiles {
+        versions: outpost::link::TlsVersions::Only12,
+        ..good.clone()
+    };
+    let only13 = TlsFiles {
+        versions: outpost::link::TlsVersions::Only13,
+        ..good.clone()
+    };
+    for (host, files) in [
+        ("127.0.0.1", &good),
+        ("localhost", &good),
+        ("127.0.0.1", &only12),
+        ("127.0.0.1", &only13),
+    ] {
+        let (link, events) = Link::start(tls_config(host, files)).unwrap();
         wait_connected(&events);
         link.publish("node1/in", b"over tls".to_vec()).unwrap();
         link.ack(expect_message(&events, "node1/in", b"over tls"));
@@ -474,6 +490,7 @@ fn a_client_certificate_rustls_cannot_use_is_named_with_the_reason_in_words() {
         ca_file: Some(ca.cert().to_path_buf()),
         client_cert: Some(dir.path().join("v1.crt")),
         client_key: Some(dir.path().join("v1.key")),
+        ..TlsFiles::default()
     };
     let e = Link::start(cfg).err().unwrap().to_string();
     assert!(
