@@ -266,10 +266,7 @@ fn on_demand(r: &mut Report, tls: bool, pki: &crate::wire::Pki, more: &[&str]) {
     r.add(
         Figure::new(
             SCENARIO,
-            &format!(
-                "idle node, link on-demand, polling every 30 min, per day ({})",
-                label(tls)
-            ),
+            &format!("idle node, link on-demand, polling every 30 min, per day ({what})"),
             (48.0 * per_poll + facts) / 1000.0,
             "KB",
         )
@@ -278,8 +275,7 @@ fn on_demand(r: &mut Report, tls: bool, pki: &crate::wire::Pki, more: &[&str]) {
     );
     r.note(format!(
         "8 cost ({what}): one idle poll {:.0} B on the wire ({} packets in {polls} polls)",
-        per_poll,
-        t.packets
+        per_poll, t.packets
     ));
 }
 
