@@ -90,7 +90,8 @@ pub struct AgentArgs {
     /// (default 100000)
     #[argh(option)]
     pub retention_jobs: Option<u64>,
-    /// TLS versions offered: 1.2,1.3 (default), 1.2 (smaller reconnects) or 1.3
+    /// TLS versions offered: 1.2,1.3 (default), 1.2 (smaller reconnects; the
+    /// default with --link on-demand) or 1.3
     #[argh(option)]
     pub tls_versions: Option<String>,
     /// a budget of this node's link, e.g. 5MiB/day or 100MiB/month (repeat for
