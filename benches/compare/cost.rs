@@ -101,7 +101,17 @@ impl Capture {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let _ = self.child.wait();
         let bytes = std::fs::read(&self.file).expect("read capture");
-        let _ = std::fs::remove_file(&self.file);
+        match std::env::var_os("OUTPOST_KEEP_PCAP") {
+            // For reading a capture packet by packet (tcpdump -r FILE).
+            Some(dir) => {
+                let keep = Path::new(&dir).join(self.file.file_name().expect("a file name"));
+                let _ = std::fs::rename(&self.file, &keep);
+                eprintln!("capture kept: {}", keep.display());
+            }
+            None => {
+                let _ = std::fs::remove_file(&self.file);
+            }
+        }
         parse_pcap(&bytes)
     }
 }

@@ -211,6 +211,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         boot: boot_id(),
         poisoned: None,
         presence_fixed_ms: None,
+        presence_echoed: false,
         unrecorded: Vec::new(),
         store_error: None,
         store_retry_ms: 0,
@@ -264,6 +265,8 @@ struct Agent {
     poisoned: Option<(u64, usize)>,
     /// When this node last put its own presence back to online.
     presence_fixed_ms: Option<u64>,
+    /// Our `online` of this connection came back from the broker.
+    presence_echoed: bool,
     /// Commands running now, by (peer, lane, seq).
     running: BTreeMap<(Name, Lane, u64), Running>,
     /// Results the store could not take (a full disk): retried until it does,
@@ -360,6 +363,7 @@ impl Agent {
         match msg {
             Msg::Link(LinkEvent::Connected { .. }) => {
                 self.link_since_ms = now;
+                self.presence_echoed = false;
                 self.node.on_connected(now);
                 self.links.connected();
                 self.facts_soon();
@@ -555,8 +559,19 @@ impl Agent {
         // Presence of names nobody trusts is noise (or an attack): not recorded.
         if peer == self.cfg.name {
             // Anyone may publish on our presence topic; while we are up, we are
-            // online, whatever was published there.
-            let forged = payload != b"online";
+            // online, whatever was published there. What comes before our own
+            // `online` of this connection comes back is older than it (our
+            // will, queued in the session while we were away; a retained value
+            // it overwrites): nothing to put right, and answering it would cost
+            // two publishes on every reconnect.
+            if payload == b"online" {
+                self.presence_echoed = true;
+                return;
+            }
+            if !self.presence_echoed {
+                return;
+            }
+            let forged = true;
             let due = self.presence_fixed_ms.is_none_or(|t| now >= t + 10_000);
             if forged && due && self.link.is_connected() {
                 warn!(
