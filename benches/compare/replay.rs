@@ -324,28 +324,42 @@ fn outpost_replay(broker: Broker, durability: &str, kind: Kind, n: usize) -> Rep
     }
 }
 
-/// Sends the gate command, then `n` commands of `kind` on lane `ordered`, through
-/// one control connection; returns the gate's job id and the others' in order.
+/// Sends the gate command, then `n` commands of `kind` on lane `ordered` in
+/// batches of 1,000, through one control connection; returns the gate's job id and
+/// the others' in order.
 fn enqueue(central: &Agent, gate: &Gate, kind: Kind, n: usize) -> (i64, Vec<i64>) {
     let mut client = control::Client::connect(&central.dir).expect("central control socket");
-    let mut send = |command: CommandSpec| {
-        let req = Request::Send {
-            where_: vec![],
-            online: false,
-            to: "node".into(),
-            lane: Some("ordered".into()),
-            ttl_s: None,
-            key: None,
-            output: None,
-            command,
-        };
-        let reply = client
-            .call(&req, Duration::from_secs(60))
-            .unwrap_or_else(|e| panic!("send: {e}"));
-        reply["job"].as_i64().expect("job id")
+    let send = |command: CommandSpec| Request::Send {
+        where_: vec![],
+        online: false,
+        to: "node".into(),
+        lane: Some("ordered".into()),
+        ttl_s: None,
+        key: None,
+        output: None,
+        command,
     };
-    let gate_job = send(gate.command());
-    let jobs = (1..=n).map(|i| send(kind.command(i))).collect();
+    let mut batch = |requests: Vec<Request>| -> Vec<i64> {
+        let reply = client
+            .batch(requests)
+            .unwrap_or_else(|e| panic!("batch: {e}"));
+        reply
+            .replies
+            .into_iter()
+            .map(|r| match (r.sent, r.error) {
+                (Some(sent), _) => sent.job,
+                (None, e) => panic!("send refused: {e:?}"),
+            })
+            .collect()
+    };
+    let gate_job = batch(vec![send(gate.command())])[0];
+    let mut jobs = Vec::with_capacity(n);
+    for first in (1..=n).step_by(1000) {
+        let last = (first + 999).min(n);
+        jobs.extend(batch(
+            (first..=last).map(|i| send(kind.command(i))).collect(),
+        ));
+    }
     (gate_job, jobs)
 }
 

@@ -31,6 +31,9 @@ impl Agent {
             return self.send(targets, lane, ttl_s, key, command, now);
         };
         Agent::check_output(&spec)?;
+        // Inside a `batch` request the job and its output directory share the
+        // batch's commit.
+        let outer = self.node.store().in_batch();
         self.node.begin_batch().map_err(|e| e.to_string())?;
         let sent = self
             .send(targets, lane, ttl_s, key, command, now)
@@ -40,6 +43,9 @@ impl Agent {
                     .map(|()| r)
                     .map_err(|e| e.to_string())
             });
+        if outer {
+            return sent;
+        }
         match (sent, self.node.end_batch()) {
             (Ok(r), Ok(())) => Ok(r),
             (Err(e), _) => Err(e),

@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 use super::commands::{command_of, result_view};
 use super::{demand, now_ms, Agent, MAX_WAITERS};
 use crate::control::reply::{
-    CancelReply, CancelView, InboxStatus, JobReply, JobView, JobsReply, LinkStatus, NodeReply,
-    OutboxStatus, PeerStatus, Poisoned, PurgeReply, QueueItem, QueueReply, Queued, Reply,
-    RunningStatus, SecurityStatus, SendReply, StatusReply, StoreFailing, StoreLost, StoreStatus,
-    Superseded, TargetView, TrustedStatus, WaitReply,
+    BatchItem, BatchReply, CancelReply, CancelView, InboxStatus, JobReply, JobView, JobsReply,
+    LinkStatus, NodeReply, OutboxStatus, PeerStatus, Poisoned, PurgeReply, QueueItem, QueueReply,
+    Queued, Reply, RunningStatus, SecurityStatus, SendReply, StatusReply, StoreFailing, StoreLost,
+    StoreStatus, Superseded, TargetView, TrustedStatus, WaitReply,
 };
-use crate::control::{CommandSpec, Request};
+use crate::control::{CommandSpec, Request, MAX_BATCH};
 use crate::frame::{self, Body, Lane, Name};
 use crate::info;
 use crate::seal;
@@ -28,22 +28,8 @@ impl Agent {
         now: u64,
     ) -> Option<Reply> {
         let r = match req {
-            Request::Send {
-                to,
-                lane,
-                ttl_s,
-                key,
-                command,
-                where_,
-                online,
-                output,
-            } => super::nodes::selectors(&where_)
-                .and_then(|sel| {
-                    let targets = self.resolve_selected(&to, &sel, online)?;
-                    let lane = lane.as_deref();
-                    self.send_with_output(targets, lane, ttl_s, key.as_deref(), command, output, now)
-                })
-                .map(Reply::Send),
+            Request::Send { .. } => self.send_request(req, now).map(Reply::Send),
+            Request::Batch { requests } => self.batch(requests, now).map(Reply::Batch),
             Request::Cancel { id, node } => self.cancel(id, node.as_deref(), now).map(Reply::Cancel),
             Request::Queue { node, limit } => self.queue(&node, limit, now).map(Reply::Queue),
             Request::Purge { node, lane } => self.purge(&node, lane.as_deref(), now).map(Reply::Purge),
@@ -102,6 +88,63 @@ impl Agent {
             Request::Release { for_s } => Ok(Reply::Release(self.release(for_s, now))),
         };
         Some(r.unwrap_or_else(Reply::Error))
+    }
+
+    /// One `send` request: resolves its targets and queues its job.
+    fn send_request(&mut self, req: Request, now: u64) -> Result<SendReply, String> {
+        let Request::Send {
+            to,
+            lane,
+            ttl_s,
+            key,
+            command,
+            where_,
+            online,
+            output,
+        } = req
+        else {
+            return Err(format!("{} cannot be batched; only send can", req.op()));
+        };
+        let sel = super::nodes::selectors(&where_)?;
+        let targets = self.resolve_selected(&to, &sel, online)?;
+        let lane = lane.as_deref();
+        self.send_with_output(targets, lane, ttl_s, key.as_deref(), command, output, now)
+    }
+
+    /// `batch`: every request in one store batch, so one commit for all. Each
+    /// is atomic on its own (a refused one leaves the others); if the commit
+    /// fails, none was queued and every one is answered with the error.
+    fn batch(&mut self, requests: Vec<Request>, now: u64) -> Result<BatchReply, String> {
+        if requests.len() > MAX_BATCH {
+            return Err(format!(
+                "a batch holds at most {MAX_BATCH} requests, not {}",
+                requests.len()
+            ));
+        }
+        self.node.begin_batch().map_err(|e| e.to_string())?;
+        let replies: Vec<Result<SendReply, String>> = requests
+            .into_iter()
+            .map(|req| self.send_request(req, now))
+            .collect();
+        let committed = self.node.end_batch();
+        let replies = replies
+            .into_iter()
+            .map(|r| match (&committed, r) {
+                (Ok(()), Ok(sent)) => BatchItem {
+                    sent: Some(sent),
+                    error: None,
+                },
+                (Err(e), Ok(_)) => BatchItem {
+                    sent: None,
+                    error: Some(format!("cannot queue the command: {e}")),
+                },
+                (_, Err(e)) => BatchItem {
+                    sent: None,
+                    error: Some(e),
+                },
+            })
+            .collect();
+        Ok(BatchReply { replies })
     }
 
     fn job(&self, id: i64) -> Result<JobView, String> {

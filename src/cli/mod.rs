@@ -17,6 +17,7 @@ use argh::FromArgs;
 use crate::config;
 
 mod agent;
+mod batch;
 mod errors;
 mod files;
 mod jobs;
@@ -94,6 +95,7 @@ pub struct Cli {
 pub enum Cmd {
     Agent(agent::AgentArgs),
     Send(send::SendArgs),
+    Batch(batch::BatchArgs),
     Jobs(jobs::JobsArgs),
     Queue(queue::QueueArgs),
     Status(status::StatusArgs),
@@ -191,6 +193,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
     match cmd {
         Cmd::Agent(args) => agent::run(args),
         Cmd::Send(args) => send::run(args),
+        Cmd::Batch(args) => batch::run(args),
         Cmd::Jobs(args) => jobs::run(args),
         Cmd::Queue(args) => queue::run(args),
         Cmd::Status(args) => status::run(args),

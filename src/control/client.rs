@@ -10,9 +10,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::reply::{
-    CancelReply, FilesGetReply, FilesListReply, FilesPutReply, FilesRmReply, JobReply, JobView,
-    JobsReply, NodeReply, NodeView, NodesReply, PurgeReply, QueueReply, ReleaseReply, SendReply,
-    StatusReply, TransferReply, TransferView, UsageReply, WaitReply,
+    BatchReply, CancelReply, FilesGetReply, FilesListReply, FilesPutReply, FilesRmReply, JobReply,
+    JobView, JobsReply, NodeReply, NodeView, NodesReply, PurgeReply, QueueReply, ReleaseReply,
+    SendReply, StatusReply, TransferReply, TransferView, UsageReply, WaitReply,
 };
 use super::{socket_path, CommandSpec, Request};
 
@@ -91,6 +91,11 @@ impl Client {
     /// A `send` with every option: `req` must be a [`Request::Send`].
     pub fn submit(&mut self, req: &Request) -> Result<SendReply, String> {
         self.typed(req, CALL)
+    }
+
+    /// Several `send` requests queued in one commit; one reply each, in order.
+    pub fn batch(&mut self, requests: Vec<Request>) -> Result<BatchReply, String> {
+        self.typed(&Request::Batch { requests }, 10 * CALL)
     }
 
     /// Cancels job `id` (for `node` only, if given).

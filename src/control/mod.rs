@@ -24,6 +24,9 @@ pub use reply::Reply;
 /// Longest request line accepted.
 pub const MAX_REQUEST: usize = 1024 * 1024;
 
+/// Most requests one `batch` may hold.
+pub const MAX_BATCH: usize = 10_000;
+
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join("control.sock")
 }
@@ -141,12 +144,28 @@ pub enum Request {
     /// Bytes the link spent per category (this hour, today, this month), the
     /// budgets and what they hold back.
     Usage,
+    /// Several `send` requests in one commit (one fsync with durability full):
+    /// each is queued or refused on its own, as if sent alone, and none is
+    /// answered before all are on disk. Nothing but `send` may be batched.
+    Batch {
+        requests: Vec<Request>,
+    },
     /// Lift budgets and link windows for `for_s` seconds (default: until the
     /// end of the current period of the tightest budget, or an hour).
     Release {
         #[serde(default)]
         for_s: Option<u64>,
     },
+}
+
+impl Request {
+    /// The request's `op`, as the protocol spells it.
+    pub fn op(&self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v["op"].as_str().map(String::from))
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -33,6 +33,7 @@ pub enum Reply {
     Errors(ErrorsReply),
     Usage(UsageReply),
     Release(ReleaseReply),
+    Batch(BatchReply),
     Error(String),
 }
 
@@ -78,6 +79,7 @@ impl Reply {
             Reply::Errors(r) => ok(r),
             Reply::Usage(r) => ok(r),
             Reply::Release(r) => ok(r),
+            Reply::Batch(r) => ok(r),
             Reply::Error(e) => serde_json::to_vec(&Failed {
                 ok: false,
                 error: e,
@@ -142,6 +144,21 @@ pub struct ErrorView {
     pub count: u64,
     pub first_ms: u64,
     pub last_ms: u64,
+}
+
+/// `batch`: one entry per request, in order: what `send` would have replied, or
+/// why that request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchReply {
+    pub replies: Vec<BatchItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchItem {
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub sent: Option<SendReply>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `send`: the job and where each target's command was queued.

@@ -7,6 +7,7 @@
 //! a command not here yet (it overtook the command, or the command waits behind a
 //! gap) until the command comes, and leaves a running one to the shell to stop.
 
+use super::sql::Cached;
 use rusqlite::{params, OptionalExtension};
 
 use super::{
@@ -86,7 +87,7 @@ impl Store {
         #[allow(clippy::type_complexity)]
         let target: Option<(String, i64, String, Option<i64>, Option<u32>)> = self
             .conn
-            .query_row(
+            .row(
                 "SELECT lane, seq, state, result, fp FROM job_targets WHERE job = ?1 AND node = ?2",
                 params![job, node.as_str()],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
@@ -105,7 +106,7 @@ impl Store {
                 let tx = self.conn.savepoint()?;
                 let key = params![node.as_str(), lane.as_str(), seq];
                 let in_outbox: Option<Vec<u8>> = tx
-                    .query_row(
+                    .row(
                         "SELECT frame FROM outbox WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
                         key,
                         |r| r.get(0),
@@ -120,8 +121,8 @@ impl Store {
                         Cancelled::Withdrawn
                     }
                     _ => {
-                        tx.execute(
-                            "UPDATE job_targets SET state = 'cancelling' WHERE job = ?1 AND node = ?2",
+                        tx.run(
+"UPDATE job_targets SET state = 'cancelling' WHERE job = ?1 AND node = ?2",
                             params![job, node.as_str()],
                         )?;
                         Cancelled::Sent
@@ -321,7 +322,7 @@ impl Store {
         let key = params![peer.as_str(), lane.as_str(), seq as i64];
         let journal: Option<String> = self
             .conn
-            .query_row(
+            .row(
                 "SELECT state FROM journal WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
                 key,
                 |r| r.get(0),
@@ -330,7 +331,7 @@ impl Store {
         // A running command's frame stays in the inbox until it finishes.
         let held: Option<Vec<u8>> = self
             .conn
-            .query_row(
+            .row(
                 "SELECT frame FROM inbox WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
                 key,
                 |r| r.get(0),
@@ -357,7 +358,7 @@ impl Store {
             held => {
                 let place = if held.is_some() { "inbox" } else { "flight" };
                 let tx = self.conn.savepoint()?;
-                tx.execute(
+                tx.run(
                     "INSERT INTO cancels (peer, lane, seq, stop, reason, place, fp, at_ms)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
                     params![

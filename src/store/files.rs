@@ -1,5 +1,6 @@
 //! Store operations for file transfers: offers, chunks, verdicts, files held.
 
+use super::sql::Cached;
 use std::path::PathBuf;
 
 use rusqlite::{params, OptionalExtension, Row};
@@ -111,8 +112,8 @@ impl Store {
             body: Body::FileOffer(offer.clone()),
         };
         let tx = self.conn.savepoint()?;
-        tx.execute(
-            "INSERT INTO transfers (direction, peer, file_id, path, size, sha256, chunk_size, n_chunks, next_chunk,
+        tx.run(
+"INSERT INTO transfers (direction, peer, file_id, path, size, sha256, chunk_size, n_chunks, next_chunk,
                                     state, reason, started_ms, updated_ms, expires_ms, root)
              VALUES ('out', ?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, 'offered', '', ?8, ?8, ?9, ?10)
              ON CONFLICT (direction, peer, file_id) DO UPDATE SET path = ?3, size = ?4, sha256 = ?5,
@@ -131,7 +132,7 @@ impl Store {
                 root
             ],
         )?;
-        let id: i64 = tx.query_row(
+        let id: i64 = tx.row(
             "SELECT id FROM transfers WHERE direction = 'out' AND peer = ?1 AND file_id = ?2",
             params![peer.as_str(), offer.id],
             |r| r.get(0),
@@ -161,7 +162,7 @@ impl Store {
              ON CONFLICT (direction, peer, file_id) DO UPDATE SET state = 'requested', reason = '', started_ms = ?3, updated_ms = ?3",
             params![peer.as_str(), file_id, now_ms as i64],
         )?;
-        Ok(self.conn.query_row(
+        Ok(self.conn.row(
             "SELECT id FROM transfers WHERE direction = 'in' AND peer = ?1 AND file_id = ?2",
             params![peer.as_str(), file_id],
             |r| r.get(0),
@@ -218,7 +219,7 @@ impl Store {
 
     /// Frames waiting in the outbox on one stream.
     pub fn stream_depth(&self, peer: &Name, lane: &Lane) -> Result<u64, StoreError> {
-        let n: i64 = self.conn.query_row(
+        let n: i64 = self.conn.row(
             "SELECT COUNT(*) FROM outbox WHERE peer = ?1 AND lane = ?2",
             params![peer.as_str(), lane.as_str()],
             |r| r.get(0),
@@ -254,7 +255,7 @@ impl Store {
             drop(tx);
             return Err(full);
         }
-        tx.execute(
+        tx.run(
             "UPDATE transfers SET next_chunk = next_chunk + ?2, updated_ms = ?3 WHERE id = ?1",
             params![t.id, n, now_ms as i64],
         )?;
@@ -293,8 +294,8 @@ impl Store {
             } else {
                 "receiving"
             };
-            tx.execute(
-                "INSERT INTO transfers (direction, peer, file_id, path, size, sha256, chunk_size, n_chunks, next_chunk,
+            tx.run(
+"INSERT INTO transfers (direction, peer, file_id, path, size, sha256, chunk_size, n_chunks, next_chunk,
                                         state, reason, started_ms, updated_ms, expires_ms)
                  VALUES ('in', ?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, '', ?9, ?9, ?10)
                  ON CONFLICT (direction, peer, file_id) DO UPDATE SET path = ?3, size = ?4, sha256 = ?5,
@@ -313,8 +314,8 @@ impl Store {
                     offer.expires_ms.map(|v| v as i64)
                 ],
             )?;
-            tx.execute(
-                "DELETE FROM file_chunks WHERE transfer = (SELECT id FROM transfers WHERE direction = 'in' AND peer = ?1 AND file_id = ?2)",
+            tx.run(
+"DELETE FROM file_chunks WHERE transfer = (SELECT id FROM transfers WHERE direction = 'in' AND peer = ?1 AND file_id = ?2)",
                 params![peer.as_str(), offer.id],
             )?;
         }
@@ -340,11 +341,11 @@ impl Store {
         now_ms: u64,
     ) -> Result<(), StoreError> {
         let tx = self.conn.savepoint()?;
-        let n = tx.execute(
+        let n = tx.run(
             "INSERT OR IGNORE INTO file_chunks (transfer, idx) VALUES (?1, ?2)",
             params![transfer, index],
         )?;
-        tx.execute(
+        tx.run(
             "UPDATE transfers SET next_chunk = next_chunk + ?2, updated_ms = ?3 WHERE id = ?1",
             params![transfer, n as i64, now_ms as i64],
         )?;
@@ -379,14 +380,14 @@ impl Store {
             _ => "failed",
         };
         let tx = self.conn.savepoint()?;
-        tx.execute(
+        tx.run(
             "UPDATE transfers SET state = ?2, reason = ?3, updated_ms = ?4 WHERE id = ?1",
             params![t.id, st, reason, now_ms as i64],
         )?;
-        tx.execute("DELETE FROM file_chunks WHERE transfer = ?1", [t.id])?;
+        tx.run("DELETE FROM file_chunks WHERE transfer = ?1", [t.id])?;
         if let Some(f) = held {
-            tx.execute(
-                "INSERT OR REPLACE INTO files (source, file_id, path, size, sha256, received_ms, expires_ms)
+            tx.run(
+"INSERT OR REPLACE INTO files (source, file_id, path, size, sha256, received_ms, expires_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     f.source.as_str(),
@@ -415,7 +416,7 @@ impl Store {
     pub fn record_started(&mut self, inbound: &Inbound, seq: u64) -> Result<(), StoreError> {
         let env = &inbound.env;
         let tx = self.conn.savepoint()?;
-        tx.execute(
+        tx.run(
             "UPDATE job_targets SET state = 'running'
              WHERE node = ?1 AND lane = ?2 AND seq = ?3 AND state IN ('queued', 'delivered')",
             params![env.from.as_str(), env.lane.as_str(), seq as i64],
@@ -440,8 +441,8 @@ impl Store {
     pub fn held_file(&self, source: &Name, file_id: &str) -> Result<Option<HeldFile>, StoreError> {
         let f = self
             .conn
-            .query_row(
-                "SELECT source, file_id, path, size, sha256, received_ms, expires_ms FROM files WHERE source = ?1 AND file_id = ?2",
+            .row(
+"SELECT source, file_id, path, size, sha256, received_ms, expires_ms FROM files WHERE source = ?1 AND file_id = ?2",
                 params![source.as_str(), file_id],
                 held,
             )

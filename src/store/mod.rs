@@ -17,6 +17,7 @@ mod registry;
 mod retention;
 mod schema;
 mod session;
+mod sql;
 mod usage;
 
 pub use cancel::{CancelAt, Cancelled, Waiting};
@@ -29,6 +30,7 @@ pub use session::{PeerSession, SyncOutcome};
 pub use usage::UsageDelta;
 
 use marker::Marker;
+use sql::Cached;
 
 use std::path::Path;
 
@@ -235,7 +237,7 @@ pub struct Loss {
 /// [`Store::committed`] after it.
 fn commit(tx: rusqlite::Savepoint<'_>, batch: bool) -> rusqlite::Result<()> {
     if !batch {
-        tx.execute("UPDATE meta SET gen = gen + 1", [])?;
+        tx.run("UPDATE meta SET gen = gen + 1", [])?;
     }
     tx.commit()
 }
@@ -250,8 +252,8 @@ fn forget_own_epoch(
     now_ms: u64,
     reason: &str,
 ) -> rusqlite::Result<()> {
-    tx.execute(
-        "UPDATE meta SET epoch = ?1, gen = gen + 1, lost_ms = ?2, lost_reason = ?3, losses = losses + 1 WHERE id = 1",
+    tx.run(
+"UPDATE meta SET epoch = ?1, gen = gen + 1, lost_ms = ?2, lost_reason = ?3, losses = losses + 1 WHERE id = 1",
         params![epoch as i64, now_ms as i64, reason],
     )?;
     tx.execute_batch(
@@ -282,6 +284,7 @@ impl Store {
         let before = marker::read(&marker_path);
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.set_prepared_statement_cache_capacity(sql::CACHE);
         conn.pragma_update(None, "journal_mode", "wal")?;
         let sync = match cfg.durability {
             Durability::Full => "full",
@@ -294,13 +297,13 @@ impl Store {
         // by the log (see ARCHITECTURE.md, "The store on disk").
         conn.pragma_update(None, "wal_autocheckpoint", 256)?;
         conn.pragma_update(None, "journal_size_limit", 1024 * 1024)?;
-        let version = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+        let version = conn.row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
         if version > schema::latest() {
             return Err(StoreError::TooNew(version, schema::latest()));
         }
         schema::migrate(&mut conn)?;
         let meta: Option<(i64, i64)> = conn
-            .query_row("SELECT epoch, gen FROM meta WHERE id = 1", [], |r| {
+            .row("SELECT epoch, gen FROM meta WHERE id = 1", [], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .optional()?;
@@ -336,8 +339,8 @@ impl Store {
         let (epoch, gen) = match meta {
             None => {
                 let epoch = new_epoch()?;
-                conn.execute(
-                    "INSERT INTO meta (id, epoch, gen, lost_ms, lost_reason, losses) VALUES (1, ?1, 0, ?2, ?3, ?4)",
+                conn.run(
+"INSERT INTO meta (id, epoch, gen, lost_ms, lost_reason, losses) VALUES (1, ?1, 0, ?2, ?3, ?4)",
                     params![
                         epoch as i64,
                         lost.as_ref().map(|_| now_ms as i64),
@@ -357,7 +360,7 @@ impl Store {
             Some(db) => (db.epoch, db.gen),
         };
         if let Some(reason) = &lost {
-            conn.execute(
+            conn.run(
                 "INSERT INTO events (at_ms, text) VALUES (?1, ?2)",
                 params![
                     now_ms as i64,
@@ -396,7 +399,7 @@ impl Store {
     pub fn losses(&self) -> Result<u64, StoreError> {
         Ok(self
             .conn
-            .query_row("SELECT losses FROM meta WHERE id = 1", [], |r| {
+            .row("SELECT losses FROM meta WHERE id = 1", [], |r| {
                 r.get::<_, i64>(0)
             })? as u64)
     }
@@ -405,7 +408,7 @@ impl Store {
     pub fn lost(&self) -> Result<Option<(u64, String)>, StoreError> {
         let row: Option<(Option<i64>, Option<String>)> = self
             .conn
-            .query_row(
+            .row(
                 "SELECT lost_ms, lost_reason FROM meta WHERE id = 1",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
@@ -420,7 +423,7 @@ impl Store {
     /// Runs one statement as a change of its own (or of the open batch).
     fn change(&mut self, sql: &str, params: impl rusqlite::Params) -> Result<usize, StoreError> {
         let tx = self.conn.savepoint()?;
-        let n = tx.execute(sql, params)?;
+        let n = tx.run(sql, params)?;
         commit(tx, self.batch)?;
         self.committed();
         Ok(n)
@@ -578,7 +581,7 @@ impl Store {
                     let replacement = frame::encode(&lost)?;
                     let tx = self.conn.savepoint()?;
                     quarantine(&tx, now_ms, "outbox", peer, lane, seq, &error, &bytes)?;
-                    tx.execute(
+                    tx.run(
                         "UPDATE outbox SET frame = ?4 WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
                         params![peer.as_str(), lane.as_str(), seq as i64, replacement],
                     )?;
@@ -604,7 +607,7 @@ impl Store {
     pub fn apply_ack(&mut self, peer: &Name, lane: &Lane, upto: u64) -> Result<u64, StoreError> {
         let tx = self.conn.savepoint()?;
         let stream: Option<(i64, i64)> = tx
-            .query_row(
+            .row(
                 "SELECT last_seq, acked FROM out_streams WHERE peer = ?1 AND lane = ?2",
                 params![peer.as_str(), lane.as_str()],
                 |r| Ok((r.get(0)?, r.get(1)?)),
@@ -614,20 +617,20 @@ impl Store {
             return Ok(0);
         };
         let upto = upto.min(last as u64) as i64;
-        let freed_bytes: i64 = tx.query_row(
-            "SELECT COALESCE(SUM(length(frame)), 0) FROM outbox WHERE peer = ?1 AND lane = ?2 AND seq <= ?3",
+        let freed_bytes: i64 = tx.row(
+"SELECT COALESCE(SUM(length(frame)), 0) FROM outbox WHERE peer = ?1 AND lane = ?2 AND seq <= ?3",
             params![peer.as_str(), lane.as_str(), upto],
             |r| r.get(0),
         )?;
-        let n = tx.execute(
+        let n = tx.run(
             "DELETE FROM outbox WHERE peer = ?1 AND lane = ?2 AND seq <= ?3",
             params![peer.as_str(), lane.as_str(), upto],
         )?;
-        tx.execute(
+        tx.run(
             "UPDATE out_streams SET acked = MAX(acked, ?3) WHERE peer = ?1 AND lane = ?2",
             params![peer.as_str(), lane.as_str(), upto],
         )?;
-        tx.execute(
+        tx.run(
             // Only what this ack newly covers: everything up to `acked` was
             // marked before, and the stream's history grows without bound.
             "UPDATE job_targets SET state = 'delivered'
@@ -697,7 +700,7 @@ impl Store {
             // journal keeps every command ever run and the inbox can hold a long
             // backlog, and walking either made each call O(history) or O(backlog).
             // A running command's frame stays in the inbox until it finishes.
-            let running: i64 = self.conn.query_row(
+            let running: i64 = self.conn.row(
                 "SELECT COUNT(*) FROM journal
                  WHERE peer = ?1 AND lane = ?2 AND state = 'running'",
                 params![peer.as_str(), lane.as_str()],
@@ -811,8 +814,8 @@ impl Store {
             body: Body::Result(result),
         };
         let tx = self.conn.savepoint()?;
-        tx.execute(
-            "INSERT INTO journal (peer, lane, seq, state, method, started_ms, finished_ms, status)
+        tx.run(
+"INSERT INTO journal (peer, lane, seq, state, method, started_ms, finished_ms, status)
              VALUES (?1, ?2, ?3, 'done', ?4, ?5, ?5, ?6)
              ON CONFLICT (peer, lane, seq) DO UPDATE SET state = 'done', finished_ms = ?5, status = ?6",
             params![env.from.as_str(), env.lane.as_str(), env.seq as i64, method, now_ms as i64, status],
@@ -849,8 +852,8 @@ impl Store {
         let tx = self.conn.savepoint()?;
         let id = store_result(&tx, env, cmd_seq, &bytes, now_ms)?;
         if let Some(id) = id {
-            tx.execute(
-                "UPDATE job_targets SET state = ?4, result = ?5 WHERE node = ?1 AND lane = ?2 AND seq = ?3",
+            tx.run(
+"UPDATE job_targets SET state = ?4, result = ?5 WHERE node = ?1 AND lane = ?2 AND seq = ?3",
                 params![env.from.as_str(), env.lane.as_str(), cmd_seq as i64, status.as_str(), id],
             )?;
         }
@@ -876,14 +879,14 @@ impl Store {
             drop(tx);
             return Err(full);
         }
-        tx.execute(
+        tx.run(
             "INSERT INTO jobs (created_ms, method, summary) VALUES (?1, ?2, ?3)",
             params![now_ms as i64, method.as_str(), summary],
         )?;
         let job = tx.last_insert_rowid();
         for (q, fp) in queued.iter().zip(fps) {
-            tx.execute(
-                "INSERT INTO job_targets (job, node, lane, seq, state, fp) VALUES (?1, ?2, ?3, ?4, 'queued', ?5)",
+            tx.run(
+"INSERT INTO job_targets (job, node, lane, seq, state, fp) VALUES (?1, ?2, ?3, ?4, 'queued', ?5)",
                 params![job, q.to.as_str(), q.lane.as_str(), q.seq as i64, fp],
             )?;
         }
@@ -922,8 +925,8 @@ impl Store {
             let key = params![peer.as_str(), lane.as_str(), seq];
             let Ok(env) = frame::decode(&bytes) else {
                 // Reported as corrupt when it is next read for sending.
-                tx.execute(
-                    "UPDATE outbox SET expires_ms = NULL WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
+                tx.run(
+"UPDATE outbox SET expires_ms = NULL WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
                     key,
                 )?;
                 continue;
@@ -989,7 +992,7 @@ impl Store {
     pub fn job(&self, id: i64) -> Result<Option<Job>, StoreError> {
         let head: Option<(i64, String, String)> = self
             .conn
-            .query_row(
+            .row(
                 "SELECT created_ms, method, summary FROM jobs WHERE id = ?1",
                 [id],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
@@ -1155,7 +1158,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let env = &inbound.env;
         let tx = self.conn.savepoint()?;
-        tx.execute(
+        tx.run(
             "INSERT INTO events (at_ms, peer, lane, seq, text) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
                 now_ms as i64,
@@ -1272,9 +1275,7 @@ impl Store {
 
     /// `PRAGMA integrity_check`; `Ok(())` when SQLite says "ok".
     pub fn integrity_check(&self) -> Result<(), StoreError> {
-        let res: String = self
-            .conn
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+        let res: String = self.conn.row("PRAGMA integrity_check", [], |r| r.get(0))?;
         if res == "ok" {
             Ok(())
         } else {
@@ -1302,13 +1303,13 @@ impl Store {
         };
         let tx = self.conn.savepoint()?;
         quarantine(&tx, now_ms, "inbox", peer, lane, seq, error, bytes)?;
-        tx.execute(
+        tx.run(
             "DELETE FROM inbox WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
             params![peer.as_str(), lane.as_str(), seq as i64],
         )?;
         // Also journal it done, so the hole is not mistaken for pending work.
-        tx.execute(
-            "INSERT OR REPLACE INTO journal (peer, lane, seq, state, method, started_ms, finished_ms, status)
+        tx.run(
+"INSERT OR REPLACE INTO journal (peer, lane, seq, state, method, started_ms, finished_ms, status)
              VALUES (?1, ?2, ?3, 'done', 'unknown', ?4, ?4, 'rejected')",
             params![peer.as_str(), lane.as_str(), seq as i64, now_ms as i64],
         )?;
@@ -1398,7 +1399,7 @@ fn lane_of(s: &str) -> Result<Lane, StoreError> {
 
 fn watermark(conn: &Connection, peer: &Name, lane: &Lane) -> rusqlite::Result<u64> {
     let wm: Option<i64> = conn
-        .query_row(
+        .row(
             "SELECT watermark FROM in_streams WHERE peer = ?1 AND lane = ?2",
             params![peer.as_str(), lane.as_str()],
             |r| r.get(0),
@@ -1504,7 +1505,7 @@ fn receive_one(
     if seq > wm + HOLD_AHEAD {
         return Ok(Receipt::Ahead { watermark: wm });
     }
-    let held: bool = tx.query_row(
+    let held: bool = tx.row(
         "SELECT EXISTS (SELECT 1 FROM inbox WHERE peer = ?1 AND lane = ?2 AND seq = ?3)",
         params![peer, lane, seq as i64],
         |r| r.get(0),
@@ -1565,7 +1566,7 @@ fn store_result(
 ) -> rusqlite::Result<Option<i64>> {
     let key = params![env.from.as_str(), env.lane.as_str(), cmd_seq as i64];
     let existing: Option<(i64, bool)> = tx
-        .query_row(
+        .row(
             "SELECT id, local FROM results WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
             key,
             |r| Ok((r.get(0)?, r.get(1)?)),
@@ -1574,14 +1575,14 @@ fn store_result(
     match existing {
         Some((_, false)) => Ok(None),
         Some((id, true)) => {
-            tx.execute(
+            tx.run(
                 "UPDATE results SET at_ms = ?2, frame = ?3, local = 0 WHERE id = ?1",
                 params![id, now_ms as i64, bytes],
             )?;
             Ok(Some(id))
         }
         None => {
-            tx.execute(
+            tx.run(
                 "INSERT INTO results (peer, lane, seq, at_ms, frame) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
                     env.from.as_str(),
@@ -1618,7 +1619,7 @@ fn local_result(
         body: Body::Result(result),
     };
     let bytes = frame::encode(&env)?;
-    tx.execute(
+    tx.run(
         "INSERT INTO results (peer, lane, seq, at_ms, frame, local) VALUES (?1, ?2, ?3, ?4, ?5, 1)
          ON CONFLICT (peer, lane, seq) DO NOTHING",
         params![
@@ -1629,8 +1630,8 @@ fn local_result(
             bytes
         ],
     )?;
-    tx.execute(
-        "UPDATE job_targets SET state = ?4, result = (SELECT id FROM results WHERE peer = ?1 AND lane = ?2 AND seq = ?3)
+    tx.run(
+"UPDATE job_targets SET state = ?4, result = (SELECT id FROM results WHERE peer = ?1 AND lane = ?2 AND seq = ?3)
          WHERE node = ?1 AND lane = ?2 AND seq = ?3 AND result IS NULL",
         params![peer.as_str(), lane.as_str(), seq as i64, status.as_str()],
     )?;
@@ -1652,7 +1653,7 @@ fn withdraw(
     env.body = Body::Withdrawn {
         reason: reason.into(),
     };
-    tx.execute(
+    tx.run(
         "UPDATE outbox SET frame = ?4, expires_ms = NULL, expires_mono = NULL
          WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
         params![
@@ -1696,13 +1697,13 @@ fn expired(env: &Envelope, arrived: Option<Arrival>, now_ms: u64, mono: Mono) ->
 fn consume_in(tx: &Connection, env: &Envelope) -> Result<u64, StoreError> {
     let key = params![env.from.as_str(), env.lane.as_str(), env.seq as i64];
     let len: Option<i64> = tx
-        .query_row(
+        .row(
             "SELECT length(frame) FROM inbox WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
             key,
             |r| r.get(0),
         )
         .optional()?;
-    tx.execute(
+    tx.run(
         "DELETE FROM inbox WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
         key,
     )?;
@@ -1748,8 +1749,8 @@ fn quarantine(
     error: &FrameError,
     bytes: &[u8],
 ) -> rusqlite::Result<()> {
-    tx.execute(
-        "INSERT INTO quarantine (at_ms, place, peer, lane, seq, reason, frame) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    tx.run(
+"INSERT INTO quarantine (at_ms, place, peer, lane, seq, reason, frame) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![now_ms as i64, place, peer.as_str(), lane.as_str(), seq as i64, error.to_string(), bytes],
     )?;
     Ok(())
@@ -1760,7 +1761,7 @@ mod tests;
 
 /// Bytes of frames in outbox and inbox, as the quota counts them.
 fn bytes_held(conn: &Connection) -> Result<u64, StoreError> {
-    let used: i64 = conn.query_row(
+    let used: i64 = conn.row(
         "SELECT (SELECT COALESCE(SUM(length(frame)), 0) FROM outbox)
               + (SELECT COALESCE(SUM(length(frame)), 0) FROM inbox)",
         [],

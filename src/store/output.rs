@@ -2,6 +2,7 @@
 //! kept with the job so that an agent restarted between a result and its files
 //! still writes them.
 
+use super::sql::Cached;
 use std::path::PathBuf;
 
 use rusqlite::{params, OptionalExtension};
@@ -75,11 +76,11 @@ impl Store {
         error: Option<&str>,
     ) -> Result<(), StoreError> {
         let tx = self.conn.savepoint()?;
-        tx.execute(
+        tx.run(
             "INSERT OR REPLACE INTO job_outputs_written (job, node, error) VALUES (?1, ?2, ?3)",
             params![job, node.as_str(), error],
         )?;
-        tx.execute(
+        tx.run(
             "UPDATE job_outputs SET pending = 0 WHERE job = ?1
              AND (SELECT COUNT(*) FROM job_outputs_written WHERE job = ?1)
                  >= (SELECT COUNT(*) FROM job_targets WHERE job = ?1)",

@@ -2,6 +2,7 @@
 //! to each peer (`facts_sent`), and what peers reported here and when they were
 //! last seen (`nodes`).
 
+use super::sql::Cached;
 use std::collections::BTreeMap;
 
 use rusqlite::{params, OptionalExtension};
@@ -61,7 +62,7 @@ impl Store {
     pub fn facts_sent(&self, peer: &Name) -> Result<Option<FactsSent>, StoreError> {
         let row: Option<(i64, i64, i64, Vec<u8>)> = self
             .conn
-            .query_row(
+            .row(
                 "SELECT peer_epoch, my_epoch, full_ms, facts FROM facts_sent WHERE peer = ?1",
                 params![peer.as_str()],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
@@ -101,7 +102,7 @@ impl Store {
             drop(tx);
             return Err(full);
         }
-        tx.execute(
+        tx.run(
             "INSERT OR REPLACE INTO facts_sent (peer, peer_epoch, my_epoch, full_ms, facts)
              VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
@@ -129,7 +130,7 @@ impl Store {
         let node = &inbound.env.from;
         let tx = self.conn.savepoint()?;
         let held: Option<Option<Vec<u8>>> = tx
-            .query_row(
+            .row(
                 "SELECT facts FROM nodes WHERE name = ?1",
                 params![node.as_str()],
                 |r| r.get(0),
@@ -140,7 +141,7 @@ impl Store {
             None => Snapshot::new(),
         };
         facts::apply(&mut facts, f);
-        tx.execute(
+        tx.run(
             "INSERT INTO nodes (name, facts_ms, facts) VALUES (?1, ?2, ?3)
              ON CONFLICT (name) DO UPDATE SET facts_ms = ?2, facts = ?3",
             params![node.as_str(), now_ms as i64, encode(&facts)?],

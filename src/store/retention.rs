@@ -20,6 +20,7 @@
 //! rewrites the whole file and needs as much free space again: not worth it on a
 //! small flash partition for space the store will use again anyway.
 
+use super::sql::Cached;
 use rusqlite::params;
 
 use super::{commit, Store, StoreError};
@@ -100,8 +101,7 @@ impl Store {
         // beyond the newest `rows` jobs. The scan runs over row ids up to the last
         // job that could qualify (found through `jobs_created`), so what it walks
         // in vain is only jobs still waiting for results.
-        let max_id: i64 =
-            tx.query_row("SELECT COALESCE(MAX(id), 0) FROM jobs", [], |r| r.get(0))?;
+        let max_id: i64 = tx.row("SELECT COALESCE(MAX(id), 0) FROM jobs", [], |r| r.get(0))?;
         let by_count = max_id - rows;
         let by_age = last_before(&tx, "jobs", "created_ms", cut)?;
         let jobs: Vec<i64> = {
@@ -161,7 +161,7 @@ impl Store {
         // of jobs about to go, only those of jobs still kept.
         if !pruned.full {
             let max_result: i64 =
-                tx.query_row("SELECT COALESCE(MAX(id), 0) FROM results", [], |r| r.get(0))?;
+                tx.row("SELECT COALESCE(MAX(id), 0) FROM results", [], |r| r.get(0))?;
             let by_count = max_result - rows;
             let by_age: i64 = last_before(&tx, "results", "at_ms", cut)?;
             let orphans =
@@ -187,10 +187,9 @@ impl Store {
                    ORDER BY j.finished_ms LIMIT ?2)",
             )?
             .execute(params![cut, n])? as u64;
-        let max_row: i64 =
-            tx.query_row("SELECT COALESCE(MAX(rowid), 0) FROM journal", [], |r| {
-                r.get(0)
-            })?;
+        let max_row: i64 = tx.row("SELECT COALESCE(MAX(rowid), 0) FROM journal", [], |r| {
+            r.get(0)
+        })?;
         let many = tx
             .prepare_cached(
                 "DELETE FROM journal WHERE rowid IN (
@@ -222,10 +221,9 @@ impl Store {
         }
         pruned.full |= pruned.events as i64 == n || pruned.quarantine as i64 == n;
         // Errors nodes reported, by when they last happened (oldest change first).
-        let max_error: i64 =
-            tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM node_errors", [], |r| {
-                r.get(0)
-            })?;
+        let max_error: i64 = tx.row("SELECT COALESCE(MAX(seq), 0) FROM node_errors", [], |r| {
+            r.get(0)
+        })?;
         let errors = tx
             .prepare_cached(
                 "DELETE FROM node_errors WHERE id IN (SELECT id FROM node_errors ORDER BY seq LIMIT ?3)
@@ -236,10 +234,9 @@ impl Store {
         pruned.full |= errors as i64 == n;
         // Transfers that finished (their chunks go with them, ON DELETE CASCADE).
         // Files held are swept when they expire (`Node::pump_files`), not here.
-        let max_transfer: i64 =
-            tx.query_row("SELECT COALESCE(MAX(id), 0) FROM transfers", [], |r| {
-                r.get(0)
-            })?;
+        let max_transfer: i64 = tx.row("SELECT COALESCE(MAX(id), 0) FROM transfers", [], |r| {
+            r.get(0)
+        })?;
         pruned.transfers = tx
             .prepare_cached(
                 "DELETE FROM transfers WHERE id IN (
@@ -257,10 +254,8 @@ impl Store {
     /// The database file's pages: (in use, free). Free pages are reused by the
     /// next inserts; the file does not shrink.
     pub fn pages(&self) -> Result<(u64, u64), StoreError> {
-        let count: i64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-        let free: i64 = self
-            .conn
-            .query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        let count: i64 = self.conn.row("PRAGMA page_count", [], |r| r.get(0))?;
+        let free: i64 = self.conn.row("PRAGMA freelist_count", [], |r| r.get(0))?;
         Ok(((count - free) as u64, free as u64))
     }
 }
@@ -515,13 +510,13 @@ mod tests {
         for i in 0..6u64 {
             c.quarantine_received(b"junk", "forged", i * DAY).unwrap();
             c.raw()
-                .execute(
+                .run(
                     "INSERT INTO events (at_ms, text) VALUES (?1, 'something')",
                     [(i * DAY) as i64],
                 )
                 .unwrap();
             c.raw()
-                .execute(
+                .run(
                     "INSERT INTO node_errors (node, kind, text, count, first_ms, last_ms, seq)
                      VALUES ('a', 'store', ?1, 1, ?2, ?2, ?3)",
                     rusqlite::params![format!("error {i}"), (i * DAY) as i64, i as i64 + 1],
@@ -564,8 +559,8 @@ mod tests {
         };
         assert_eq!(c.prune(&keep, 100, 3 * DAY).unwrap().results, 1);
         c.raw()
-            .execute(
-                "INSERT INTO results (peer, lane, seq, at_ms, frame) VALUES ('a', 'ordered', 9, ?1, x'00')",
+            .run(
+"INSERT INTO results (peer, lane, seq, at_ms, frame) VALUES ('a', 'ordered', 9, ?1, x'00')",
                 [DAY as i64],
             )
             .unwrap();

@@ -1,6 +1,7 @@
 //! Store operations for sessions with peers: their epochs and replay windows, the
 //! handshake flags, seal counters, and applying a peer's [`Sync`] to the streams.
 
+use super::sql::Cached;
 use std::ops::Range;
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -163,17 +164,17 @@ impl Store {
                     now_ms,
                 )?;
             }
-            tx.execute(
+            tx.run(
                 "INSERT OR IGNORE INTO retired_epochs (peer, epoch) VALUES (?1, ?2)",
                 params![peer.as_str(), old as i64],
             )?;
-            tx.execute(
+            tx.run(
                 "UPDATE out_streams SET doubt = MAX(doubt, last_seq) WHERE peer = ?1",
                 [peer.as_str()],
             )?;
         }
-        tx.execute(
-            "DELETE FROM inbox WHERE peer = ?1 AND seq > COALESCE(
+        tx.run(
+"DELETE FROM inbox WHERE peer = ?1 AND seq > COALESCE(
                  (SELECT watermark FROM in_streams s WHERE s.peer = inbox.peer AND s.lane = inbox.lane), 0)",
             [peer.as_str()],
         )?;
@@ -198,7 +199,7 @@ impl Store {
     pub fn reserve_counters(&mut self, peer: &Name, n: u64) -> Result<Range<u64>, StoreError> {
         let tx = self.conn.savepoint()?;
         let start: i64 = tx
-            .query_row(
+            .row(
                 "SELECT reserved FROM seal_out WHERE peer = ?1",
                 [peer.as_str()],
                 |r| r.get(0),
@@ -206,8 +207,8 @@ impl Store {
             .optional()?
             .unwrap_or(1);
         let end = start + n as i64;
-        tx.execute(
-            "INSERT INTO seal_out (peer, reserved) VALUES (?1, ?2) ON CONFLICT (peer) DO UPDATE SET reserved = ?2",
+        tx.run(
+"INSERT INTO seal_out (peer, reserved) VALUES (?1, ?2) ON CONFLICT (peer) DO UPDATE SET reserved = ?2",
             params![peer.as_str(), end],
         )?;
         commit(tx, self.batch)?;
@@ -292,7 +293,7 @@ impl Store {
         // Cancels kept for commands the peer had not sent yet name its numbers
         // as they were; after a Sync (its store new or gone back) they may name
         // other commands.
-        tx.execute("DELETE FROM cancels WHERE peer = ?1", [peer.as_str()])?;
+        tx.run("DELETE FROM cancels WHERE peer = ?1", [peer.as_str()])?;
         let streams: Vec<(String, i64, i64, Option<i64>)> = {
             let mut stmt = tx.prepare_cached(
                 "SELECT lane, last_seq, acked, base FROM out_streams WHERE peer = ?1",
@@ -337,18 +338,18 @@ impl Store {
                     local_results(&tx, &me, peer, &lane, (w, acked), LOST_BY_PEER, now_ms)?;
             } else if w > acked {
                 new_acked = w.min(last);
-                tx.execute(
+                tx.run(
                     "DELETE FROM outbox WHERE peer = ?1 AND lane = ?2 AND seq <= ?3",
                     params![peer.as_str(), lane.as_str(), new_acked as i64],
                 )?;
-                tx.execute(
+                tx.run(
                     "UPDATE job_targets SET state = 'delivered'
                      WHERE node = ?1 AND lane = ?2 AND seq > ?4 AND seq <= ?3 AND state = 'queued'",
                     params![peer.as_str(), lane.as_str(), new_acked as i64, acked as i64],
                 )?;
             }
-            tx.execute(
-                "UPDATE out_streams SET last_seq = ?3, acked = ?4, base = NULL WHERE peer = ?1 AND lane = ?2",
+            tx.run(
+"UPDATE out_streams SET last_seq = ?3, acked = ?4, base = NULL WHERE peer = ?1 AND lane = ?2",
                 params![peer.as_str(), lane.as_str(), last as i64, new_acked as i64],
             )?;
         }
@@ -356,8 +357,8 @@ impl Store {
         // (it is new, or went back to before the lane existed): our numbering there
         // continues above what the peer has, never from 1 again.
         for (lane, w) in &sync.received {
-            tx.execute(
-                "INSERT INTO out_streams (peer, lane, last_seq, acked, base) VALUES (?1, ?2, ?3, ?3, NULL)
+            tx.run(
+"INSERT INTO out_streams (peer, lane, last_seq, acked, base) VALUES (?1, ?2, ?3, ?3, NULL)
                  ON CONFLICT (peer, lane) DO NOTHING",
                 params![peer.as_str(), lane.as_str(), *w as i64],
             )?;
@@ -377,8 +378,8 @@ impl Store {
                 )? {
                     new_wm += 1;
                 }
-                tx.execute(
-                    "INSERT INTO events (at_ms, peer, lane, seq, text) VALUES (?1, ?2, ?3, ?4, ?5)",
+                tx.run(
+"INSERT INTO events (at_ms, peer, lane, seq, text) VALUES (?1, ?2, ?3, ?4, ?5)",
                     params![
                         now_ms as i64,
                         peer.as_str(),
@@ -393,8 +394,8 @@ impl Store {
                     ],
                 )?;
             }
-            tx.execute(
-                "INSERT INTO in_streams (peer, lane, watermark, doubt) VALUES (?1, ?2, ?3, ?4)
+            tx.run(
+"INSERT INTO in_streams (peer, lane, watermark, doubt) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (peer, lane) DO UPDATE SET watermark = MAX(watermark, ?3), doubt = MAX(doubt, ?4)",
                 params![
                     peer.as_str(),
@@ -405,8 +406,8 @@ impl Store {
             )?;
         }
         for (lane, from, to) in &out.lost_out {
-            tx.execute(
-                "INSERT INTO events (at_ms, peer, lane, seq, text) VALUES (?1, ?2, ?3, ?4, ?5)",
+            tx.run(
+"INSERT INTO events (at_ms, peer, lane, seq, text) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
                     now_ms as i64,
                     peer.as_str(),
@@ -465,7 +466,7 @@ fn renumber(
                 },
             },
         };
-        tx.execute(
+        tx.run(
             "UPDATE outbox SET seq = ?4, frame = ?5 WHERE peer = ?1 AND lane = ?2 AND seq = ?3",
             params![
                 peer.as_str(),
@@ -476,25 +477,25 @@ fn renumber(
             ],
         )?;
     }
-    tx.execute(
+    tx.run(
         "UPDATE outbox SET seq = -seq WHERE peer = ?1 AND lane = ?2 AND seq < 0",
         params![peer.as_str(), lane.as_str()],
     )?;
-    tx.execute(
+    tx.run(
         "UPDATE job_targets SET seq = -(seq + ?4) WHERE node = ?1 AND lane = ?2 AND seq > ?3",
         params![peer.as_str(), lane.as_str(), base as i64, d as i64],
     )?;
-    tx.execute(
+    tx.run(
         "UPDATE job_targets SET seq = -seq WHERE node = ?1 AND lane = ?2 AND seq < 0",
         params![peer.as_str(), lane.as_str()],
     )?;
     // Results we wrote ourselves for frames that moved (withdrawn: cancelled or
     // expired) move with them; the peer's results are for its own numbers.
-    tx.execute(
-        "UPDATE results SET seq = -(seq + ?4) WHERE peer = ?1 AND lane = ?2 AND seq > ?3 AND local = 1",
+    tx.run(
+"UPDATE results SET seq = -(seq + ?4) WHERE peer = ?1 AND lane = ?2 AND seq > ?3 AND local = 1",
         params![peer.as_str(), lane.as_str(), base as i64, d as i64],
     )?;
-    tx.execute(
+    tx.run(
         "UPDATE results SET seq = -seq WHERE peer = ?1 AND lane = ?2 AND seq < 0",
         params![peer.as_str(), lane.as_str()],
     )?;
@@ -515,13 +516,13 @@ fn local_results(
 ) -> Result<usize, StoreError> {
     // Also those we answered ourselves (a command withdrawn, cancelled or
     // expired here): what the peer's lost store made of it is unknown now.
-    tx.execute(
-        "UPDATE job_targets SET result = NULL WHERE node = ?1 AND lane = ?2 AND seq > ?3 AND seq <= ?4
+    tx.run(
+"UPDATE job_targets SET result = NULL WHERE node = ?1 AND lane = ?2 AND seq > ?3 AND seq <= ?4
          AND result IN (SELECT id FROM results WHERE local = 1)",
         params![peer.as_str(), lane.as_str(), after as i64, upto as i64],
     )?;
-    tx.execute(
-        "DELETE FROM results WHERE peer = ?1 AND lane = ?2 AND seq > ?3 AND seq <= ?4 AND local = 1",
+    tx.run(
+"DELETE FROM results WHERE peer = ?1 AND lane = ?2 AND seq > ?3 AND seq <= ?4 AND local = 1",
         params![peer.as_str(), lane.as_str(), after as i64, upto as i64],
     )?;
     let seqs: Vec<i64> = {

@@ -531,3 +531,85 @@ fn two_agents_with_one_name_are_told_another_client_uses_the_name() {
         .log()
         .contains("another client is using this node's name"));
 }
+
+#[test]
+fn batch_queues_every_line_in_order_and_names_the_lines_it_refused() {
+    let rig = Rig::new("exec");
+    rig.proxy.set_mode(Mode::Refuse);
+    wait_until("central sees ship1 offline", LONG, || {
+        !rig.central.sees_online("ship1")
+    });
+    // A mistake anywhere queues nothing.
+    let out = cli_with_stdin(
+        &rig.central,
+        &["batch"],
+        b"{\"to\":\"ship1\",\"command\":\"ping\"}\n{\"to\":\"ship1\"}\n",
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("line 2: not a send request"),
+        "{out:?}"
+    );
+    assert_eq!(rig.central.status()["outbox"].as_array().unwrap().len(), 0);
+
+    // 200 commands while ship1 is away, one of them to a node nobody trusts.
+    let mut lines = String::from("# queued while ship1 is offline\n");
+    for i in 0..200 {
+        let to = if i == 100 { "stranger" } else { "ship1" };
+        lines.push_str(&format!(
+            "{{\"to\":\"{to}\",\"command\":{{\"exec\":{{\"argv\":[\"echo\",\"{i}\"]}}}}}}\n"
+        ));
+    }
+    let file = rig.tmp.path().join("requests.jsonl");
+    std::fs::write(&file, &lines).unwrap();
+    let out = rig
+        .central
+        .cli(&["batch", file.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let replies: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(replies.len(), 200);
+    assert_eq!(replies[100]["line"], 102);
+    assert!(
+        replies[100]["error"].as_str().unwrap().contains("stranger"),
+        "{:?}",
+        replies[100]
+    );
+    let jobs: Vec<i64> = replies.iter().filter_map(|r| r["job"].as_i64()).collect();
+    assert_eq!(jobs.len(), 199);
+    assert!(jobs.windows(2).all(|w| w[0] < w[1]), "{jobs:?}");
+    assert!(
+        text(&out.stderr).contains("1 of 200 requests refused"),
+        "{out:?}"
+    );
+
+    // They arrive once each and in order when ship1 comes back.
+    rig.proxy.set_mode(Mode::Pass);
+    let last = *jobs.last().unwrap();
+    wait_until("the last batched job is done", LONG, || {
+        rig.central.job(last)["targets"][0]["state"] == "ok"
+    });
+    let results = rig.central.results(300);
+    let outputs: Vec<String> = results
+        .iter()
+        .filter(|r| jobs.contains(&r.0))
+        .map(|r| r.3.trim().to_string())
+        .collect();
+    let expected: Vec<String> = (0..200)
+        .filter(|&i| i != 100)
+        .map(|i| i.to_string())
+        .collect();
+    assert_eq!(outputs, expected);
+
+    // Text output: one job id per line.
+    let out = cli_with_stdin(
+        &rig.central,
+        &["batch"],
+        b"{\"to\":\"ship1\",\"command\":\"ping\"}\n",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let id: i64 = text(&out.stdout).trim().parse().unwrap();
+    assert!(id > last);
+}
