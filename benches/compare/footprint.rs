@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use outpost::control::{Client, CommandSpec, Request};
 
 use crate::report::{Figure, Report, Target};
-use crate::rig::{exec, sample, Pair, LONG};
+use crate::rig::{exec, sample, to_node, Pair, LONG};
 use crate::support::broker::Broker;
 use crate::support::outpost::{introduce, Agent, BIN};
 use crate::support::{wait_until, KillOnDrop, TempDir};
@@ -26,16 +26,7 @@ pub fn enqueue(r: &mut Report, o: &Opts) {
         let pair = Pair::start(&["--durability", durability]);
         pair.link_down();
         let mut client = Client::connect(&pair.central.dir).expect("control socket");
-        let send = Request::Send {
-            where_: vec![],
-            online: false,
-            to: "node".into(),
-            lane: Some("ordered".into()),
-            ttl_s: None,
-            key: None,
-            output: None,
-            command: CommandSpec::Ping,
-        };
+        let send = to_node(CommandSpec::Ping);
         // A few to warm the caches and the statement cache; not counted.
         for _ in 0..50 {
             client.call(&send, CALL).expect("send");

@@ -30,7 +30,7 @@ use outpost::frame::{self, Body, CmdResult, Envelope, Lane, Name, Status};
 use outpost::seal::{self, Header};
 
 use crate::report::{short, Figure, Report, Target};
-use crate::rig::{exec, sample, Gate, Pair, LONG};
+use crate::rig::{exec, sample, to_node, Gate, Pair, LONG};
 use crate::support::broker::Broker;
 use crate::support::outpost::Agent;
 use crate::support::proxy::{Mode, Proxy};
@@ -329,16 +329,7 @@ fn outpost_replay(broker: Broker, durability: &str, kind: Kind, n: usize) -> Rep
 /// the others' in order.
 fn enqueue(central: &Agent, gate: &Gate, kind: Kind, n: usize) -> (i64, Vec<i64>) {
     let mut client = control::Client::connect(&central.dir).expect("central control socket");
-    let send = |command: CommandSpec| Request::Send {
-        where_: vec![],
-        online: false,
-        to: "node".into(),
-        lane: Some("ordered".into()),
-        ttl_s: None,
-        key: None,
-        output: None,
-        command,
-    };
+    let send = to_node;
     let mut batch = |requests: Vec<Request>| -> Vec<i64> {
         let reply = client
             .batch(requests)

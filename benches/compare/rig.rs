@@ -178,6 +178,20 @@ pub fn exec(argv: &[&str]) -> CommandSpec {
     }
 }
 
+/// `command` for the rig's node on lane `ordered`, nothing else set.
+pub fn to_node(command: CommandSpec) -> Request {
+    Request::Send {
+        where_: vec![],
+        online: false,
+        to: "node".into(),
+        lane: Some("ordered".into()),
+        ttl_s: None,
+        key: None,
+        output: None,
+        command,
+    }
+}
+
 /// A FIFO that holds an ordered lane: a command `cat FIFO` blocks (and every
 /// command behind it waits) until [`Gate::open`].
 pub struct Gate {
